@@ -1,0 +1,466 @@
+"""A self-contained Llama in plain PyTorch, with LoFiT's per-head parameters in its attention block.
+
+Read top to bottom: config -> RoPE -> attention (where LoFiT acts) -> MLP -> block -> model ->
+loading Hugging Face checkpoints -> generation. The forward pass follows transformers'
+LlamaForCausalLM op for op, so logits match it exactly (see ../shared/docs/llama.md and
+tests/test_model.py).
+
+References: Touvron et al. 2023 (Llama 2); transformers' modeling_llama.py (the parity reference);
+LoFiT (Yin, Ye, Durrett, NeurIPS 2024, arXiv 2406.01563) for `lofit_A` / `lofit_v`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hub import resolve_model_dir
+
+
+class CheckpointError(ValueError):
+    """A config or checkpoint this code cannot load; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, {"rope_type": "linear", ...} or {"rope_type": "llama3", ...}
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # bias on q, k, v, o projections
+    mlp_bias: bool = False  # bias on gate, up, down projections
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Build from a Hugging Face config.json dict (transformers 4.x or 5.x spelling)."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "mistral"):
+            raise CheckpointError(f"model_type {model_type!r} is not supported (supported: llama, mistral)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported for {model_type} (expected silu)")
+        if model_type == "mistral" and hf.get("sliding_window") not in (None, 0) \
+                and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+            raise CheckpointError(f"sliding-window attention (window {hf['sliding_window']}) is not supported")
+        # transformers 5 stores rope settings in rope_parameters; 4.x in rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf["rms_norm_eps"],
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else
+            {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": rope_type},
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            model_type=model_type,
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json dict transformers' LlamaForCausalLM reads (4.x spelling; 5.x accepts it)."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu",
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+        }
+
+    def fingerprint(self) -> dict:
+        """The fields that decide whether weights or an adapter fit this architecture."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("bos_token_id", "eos_token_id", "max_position_embeddings")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding (HF's rotate_half layout)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in fp32, with linear or llama3 scaling applied once."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)  # long waves: slow down
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled  # the band in between: interpolate
+        in_band = ~(wavelen < old_ctx / high) * ~(wavelen > old_ctx / low)
+        inv_freq = torch.where(in_band, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for integer positions (B, T), cast to the model dtype."""
+    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by cos, sin (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale (HF's order; it matters in bf16).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every position seen so far: per layer a pair of (B, n_kv_heads, T_past, hd)."""
+
+    def __init__(self):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append this step's k, v (B, n_kv, T, hd) for `layer`; return all keys and values so far."""
+        if layer == len(self.layers):
+            self.layers.append((k, v))
+        else:
+            past_k, past_v = self.layers[layer]
+            self.layers[layer] = (torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
+        return self.layers[layer]
+
+    def expand(self, batch: int) -> "KVCache":
+        """A cache of batch size `batch` from a batch-1 cache (e.g. a prompt prefix shared by many rows)."""
+        out = KVCache()
+        out.layers = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers]
+        return out
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) attention, where LoFiT edits each head's output.
+
+    LoFiT (arXiv 2406.01563): head h's output z (its slice of o_proj's input) becomes
+    (1 + lofit_A[h]) * z + lofit_v[h] at every position. Both parameters are zero by default, which
+    is exactly the base model. `lofit_enabled = False` switches them off (e.g. for reference
+    log-probs) without touching their values.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+        self.lofit_A = nn.Parameter(torch.zeros(self.n_heads, hd))  # per-head scale offset
+        self.lofit_v = nn.Parameter(torch.zeros(self.n_heads, hd))  # per-head bias offset
+        self.lofit_enabled = True
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H_kv, T_past + T, hd)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1 and mask is not None:  # query head h reads kv head h // groups
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=groups > 1 and mask is None)  # (B, H, T, hd)
+        z = z.transpose(1, 2)  # (B, T, H, hd): z[:, :, h] is head h's output
+        if self.lofit_enabled:
+            z = (1 + self.lofit_A) * z + self.lofit_v  # LoFiT: per-head scale and bias, (H, hd) broadcast
+        return self.o_proj(z.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        d, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, inter, bias=bias)
+        self.up_proj = nn.Linear(d, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, d, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.source = None  # where the weights came from (a path or hub id), set by from_pretrained
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T).
+
+        attention_mask: (B, T_past + T) with 1 for real tokens and 0 for padding (left or right);
+        positions count real tokens only, so a padded row gives the same logits as the unpadded one.
+        cache: a KVCache holding the past positions; it is extended in place.
+        """
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
+
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, hidden); `lm_head` on them gives the logits.
+
+        Callers that need logits at a few positions only (a loss on answer tokens, the last token
+        when generating) apply lm_head to those positions and skip the rest of the (T, vocab) work.
+        """
+        B, T = input_ids.shape
+        past = len(cache) if cache is not None else 0
+        positions, mask = positions_and_mask(attention_mask, B, past, T, input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, T, hd) each
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_pretrained(cls, name: str, dtype: torch.dtype = torch.float32, device="cpu",
+                        token: str | None = None) -> "Llama":
+        """Load an HF-format Llama checkpoint from a local directory or a hub repo id.
+
+        The model is built on the meta device and each tensor is read from safetensors straight
+        into its final dtype and device, so a 7B model is never held twice. Loading is strict.
+        """
+        directory = resolve_model_dir(name, token)
+        config = read_config(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        state = {name: param for name, param in model.named_parameters()}
+        expected = {hf_name(n): n for n in state if not n.startswith("lm_head") or not config.tie_word_embeddings}
+        expected = {k: v for k, v in expected.items() if ".lofit_" not in v}  # LoFiT params are not in checkpoints
+        loaded = {}
+        unexpected = []
+        for file in checkpoint_files(directory):
+            for key, tensor in read_safetensors(file):
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                ours = expected[key]
+                if tuple(tensor.shape) != tuple(state[ours].shape):
+                    raise CheckpointError(f"{file.name}: {key} has shape {tuple(tensor.shape)}, "
+                                          f"config.json implies {tuple(state[ours].shape)}")
+                loaded[ours] = tensor.to(device=device, dtype=dtype)
+        missing = sorted(set(expected) - {hf_name(n) for n in loaded})
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {directory} does not match its config.json: "
+                                  f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                                  f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        for block in model.layers:  # LoFiT parameters start at zero: the base model
+            block.self_attn.lofit_A = nn.Parameter(torch.zeros_like(block.self_attn.lofit_A, device=device, dtype=dtype))
+            block.self_attn.lofit_v = nn.Parameter(torch.zeros_like(block.self_attn.lofit_v, device=device, dtype=dtype))
+        model.load_state_dict(loaded, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(config).to(device)
+        model.source = str(name)
+        return model.eval()
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 16, eos_id=None,
+                 temperature: float = 0.0, top_p: float = 1.0, pad_id: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue each row of a left-padded batch (B, T); return the new tokens (B, <= max_new_tokens).
+
+        temperature 0 is greedy decoding; otherwise sampling with nucleus top_p. Rows that emit
+        `eos_id` (an int or a list of ints) stop; their later positions hold `pad_id`. Generation
+        ends early once every row has stopped. Uses a KV cache: each step runs one token per row.
+        """
+        B = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), device=input_ids.device)
+        cache, out = KVCache(), []
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        step_ids = input_ids
+        for _ in range(max_new_tokens):
+            h = self.hidden_states(step_ids, attention_mask, cache)[:, -1]  # (B, hidden): last position only
+            logits = self.lm_head(h).float()  # (B, vocab)
+            next_id = sample(logits, temperature, top_p, generator)  # (B,)
+            next_id = torch.where(done, torch.full_like(next_id, pad_id), next_id)
+            out.append(next_id)
+            done |= torch.isin(next_id, eos)
+            if done.all():
+                break
+            step_ids = next_id[:, None]  # (B, 1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        return torch.stack(out, dim=1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, vocab): argmax when temperature is 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p  # smallest set whose mass reaches top_p
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1), renormalised inside
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def positions_and_mask(attention_mask, B: int, past: int, T: int, device):
+    """Rotary positions (B, T) and the SDPA attention mask for T new tokens after `past` cached ones.
+
+    Without padding the mask is None and attention is plainly causal. With padding, positions
+    count real tokens only (so padding never shifts a row) and the boolean mask (B, 1, T, past + T)
+    lets a query see real keys at or before it. Each position may always see itself, so rows of
+    padding never become all-masked (which would give NaN); their outputs are ignored anyway.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        positions = torch.arange(past, past + T, device=device).expand(B, T)
+        if past == 0 or T == 1:
+            return positions, None  # plain causal attention (SDPA's is_causal), or one query seeing all
+        attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+    query_index = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    key_index = torch.arange(past + T, device=device)[None, :]  # (1, past + T)
+    causal = key_index <= query_index  # (T, past + T)
+    mask = causal & (attention_mask.bool()[:, None, :] | (key_index == query_index))  # (B, T, past + T)
+    return positions, mask[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the tensor name in an HF checkpoint (ours mirror HF's, minus 'model.')."""
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def read_config(directory: Path) -> LlamaConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json: pass a Hugging Face checkpoint directory")
+    try:
+        return LlamaConfig.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path} lacks the required key {e}") from None
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards named in model.safetensors.index.json."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / s for s in shards]
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    else:
+        hint = " (PyTorch .bin checkpoints are not read: convert them to safetensors)" \
+            if any(directory.glob("*.bin")) else ""
+        raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json{hint}")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {directory}")
+    return files
+
+
+def read_safetensors(file: Path):
+    """Yield (name, tensor) from one safetensors file, one tensor at a time."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); re-download it") from None
