@@ -1,5 +1,9 @@
 """A self-contained Llama in plain PyTorch, with LoFiT's per-head parameters in its attention block.
 
+Gemma (v1) is the same network with three small differences, each marked `# Gemma:` below: a
+tanh-approximated GELU in the MLP, RMSNorm scaling by (1 + weight) in fp32, and embeddings
+multiplied by sqrt(hidden_size).
+
 Read top to bottom: config -> RoPE -> attention (where LoFiT acts) -> MLP -> block -> model ->
 loading Hugging Face checkpoints -> generation. The forward pass follows transformers'
 LlamaForCausalLM op for op, so logits match it exactly (see ../shared/docs/llama.md and
@@ -48,16 +52,19 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
-    model_type: str = "llama"
+    model_type: str = "llama"  # "llama" (also Mistral-style configs) or "gemma"
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         """Build from a Hugging Face config.json dict (transformers 4.x or 5.x spelling)."""
         model_type = hf.get("model_type", "llama")
-        if model_type not in ("llama", "mistral"):
-            raise CheckpointError(f"model_type {model_type!r} is not supported (supported: llama, mistral)")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported for {model_type} (expected silu)")
+        if model_type not in ("llama", "mistral", "gemma"):
+            raise CheckpointError(f"model_type {model_type!r} is not supported (supported: llama, mistral, gemma)")
+        # Gemma's configs say "gelu", which transformers reads as the tanh approximation; so do we.
+        activations = ("gelu_pytorch_tanh", "gelu") if model_type == "gemma" else ("silu",)
+        if hf.get("hidden_act", activations[0]) not in activations:
+            raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported for {model_type} "
+                                  f"(expected {activations[0]})")
         if model_type == "mistral" and hf.get("sliding_window") not in (None, 0) \
                 and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
             raise CheckpointError(f"sliding-window attention (window {hf['sliding_window']}) is not supported")
@@ -83,20 +90,22 @@ class LlamaConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             attention_bias=hf.get("attention_bias", False),
             mlp_bias=hf.get("mlp_bias", False),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", model_type == "gemma"),  # Gemma ties by default
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
-            model_type=model_type,
+            model_type="gemma" if model_type == "gemma" else "llama",
         )
 
     def to_hf(self) -> dict:
         """The config.json dict transformers' LlamaForCausalLM reads (4.x spelling; 5.x accepts it)."""
+        gemma = self.model_type == "gemma"
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "architectures": ["GemmaForCausalLM" if gemma else "LlamaForCausalLM"], "model_type": self.model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu",
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "gelu_pytorch_tanh" if gemma else "silu",
             "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
@@ -156,16 +165,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.gemma = gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale (HF's order; it matters in bf16).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if self.gemma:  # Gemma: scale by (1 + weight) in fp32, then cast back
+            return (x32 * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * x32.to(x.dtype)  # Llama: cast back, then scale (HF's order; it matters in bf16)
 
 
 class KVCache:
@@ -241,17 +252,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, inter, bias=bias)
         self.up_proj = nn.Linear(d, inter, bias=bias)
         self.down_proj = nn.Linear(inter, d, bias=bias)
+        self.gemma = config.model_type == "gemma"
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)  # Gemma: GELU (tanh)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        gemma = config.model_type == "gemma"
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
@@ -269,7 +284,7 @@ class Llama(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.model_type == "gemma")
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -295,6 +310,8 @@ class Llama(nn.Module):
         past = len(cache) if cache is not None else 0
         positions, mask = positions_and_mask(attention_mask, B, past, T, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        if self.config.model_type == "gemma":  # Gemma: scale embeddings by sqrt(hidden), in the model dtype
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, device=x.device).to(x.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, T, hd) each
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)

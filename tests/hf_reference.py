@@ -60,3 +60,33 @@ def load_hf(directory, dtype=torch.float32, attn="sdpa"):
     """transformers' own model loaded from a checkpoint directory, in eval mode."""
     from transformers import LlamaForCausalLM
     return LlamaForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn).eval()
+
+
+GEMMA_FAMILIES = {
+    # Gemma-7B shape: 16 heads of head_dim 256 over hidden 3072 (here 4 heads x 32 over hidden 48).
+    "gemma-7b": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, head_dim=32, rms_norm_eps=1e-6),
+    # Gemma-2B shape: multi-query attention (one kv head).
+    "gemma-2b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6),
+}
+
+
+def make_gemma_checkpoint(directory: Path, family: str = "gemma-7b", vocab_size: int = 128, seed: int = 0):
+    """Save a random transformers GemmaForCausalLM (tied embeddings); return (directory, hf_model)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    torch.manual_seed(seed)
+    cfg = GemmaConfig(vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=2, eos_token_id=1,
+                      pad_token_id=0, hidden_act="gelu_pytorch_tanh", **GEMMA_FAMILIES[family])
+    model = GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma norms start at 0 (scale 1 + w): make them random so a missed one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return Path(directory), model
+
+
+def load_hf_gemma(directory, dtype=torch.float32):
+    from transformers import GemmaForCausalLM
+    return GemmaForCausalLM.from_pretrained(directory, dtype=dtype).eval()
