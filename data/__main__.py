@@ -1,0 +1,67 @@
+"""Write a task's examples exactly as the model sees them, one JSON object per line.
+
+    python -m data --task clutrr --split train --dump clutrr_train.jsonl
+    python -m data --task truthfulqa --split test --fold 1 --data-dir ../shared/datasets --dump tqa.jsonl
+
+Each line holds the record id, the prompt, the answer (the training text is prompt + answer,
+then EOS), and whatever else the task uses (DPO rejected answer, evaluation prompt, references,
+TruthfulQA multiple-choice answers); empty fields are left out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import SPLITS, TASKS, DataError, load_examples
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--fold", type=int, default=0, help="TruthfulQA fold, 0 or 1 (default 0)")
+    parser.add_argument("--data-dir", default=None,
+                        help="local copy laid out like ../shared/datasets (default: $LOFIT_DATA_DIR, "
+                             "else the download cache)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="train split: number of examples to draw (default: the task's own; 0 = all)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the --train-size draw (default 42)")
+    parser.add_argument("--dump", required=True, type=Path, help="output .jsonl file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        examples = load_examples(args.task, args.split, fold=args.fold, data_dir=args.data_dir,
+                                 train_size=args.train_size, seed=args.seed)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    lines = [json.dumps({k: v for k, v in dataclasses.asdict(ex).items() if v not in ("", [], None)},
+                        ensure_ascii=False) + "\n" for ex in examples]
+    write_atomically(args.dump, "".join(lines))
+    print(f"wrote {len(examples)} {args.task} {args.split} examples to {args.dump}", file=sys.stderr)
+    return 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same directory, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
