@@ -25,6 +25,7 @@ import re
 import shutil
 
 import pytest
+import sentencepiece
 import torch
 
 import hub
@@ -64,11 +65,11 @@ SP_MODELS = {
 
 
 @pytest.fixture(params=sorted(SP_MODELS))
-def sp_model(request, tmp_path):
+def sp_model(request):
     """(our tokenizer, SentencePiece processor, path of tokenizer.model) for each shared model."""
-    import sentencepiece
     model_file = shared_path(*SP_MODELS[request.param])
-    return load_tokenizer(str(model_file.parent)), sentencepiece.SentencePieceProcessor(model_file=str(model_file)), model_file
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    return load_tokenizer(str(model_file.parent)), sp, model_file
 
 
 def hf_sentencepiece(model_file, eos: bool):
