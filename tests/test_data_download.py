@@ -1,0 +1,162 @@
+"""data/download.py without network: pinned files served by a local HTTP server on 127.0.0.1."""
+import dataclasses
+import functools
+import http.server
+import io
+import socket
+import threading
+import zipfile
+
+import pytest
+
+from conftest import shared_path
+from data import DataError, load_examples
+from data.download import cache_dir, resolve
+from data.files import FILES
+
+
+class Server:
+    """Serves a dict {url path: bytes} and counts requests per path."""
+
+    def __init__(self):
+        self.files, self.hits = {}, {}
+        handler = functools.partial(_Handler, self)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve(self, path, payload):
+        self.files[path] = payload
+        return self.url + path
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def __init__(self, server, *args, **kwargs):
+        self.owner = server
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):
+        self.owner.hits[self.path] = self.owner.hits.get(self.path, 0) + 1
+        payload = self.owner.files.get(self.path)
+        if payload is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOFIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOFIT_DATA_DIR", raising=False)
+
+
+def closed_port_url(path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def point_at(monkeypatch, relpath, *urls):
+    monkeypatch.setitem(FILES, relpath, dataclasses.replace(FILES[relpath], urls=tuple(urls)))
+
+
+def test_download_verifies_caches_and_never_downloads_again(server, monkeypatch):
+    datasets = shared_path("datasets")
+    for split in ("train", "val", "test"):
+        relpath = f"mquake/{split}.jsonl"
+        point_at(monkeypatch, relpath, server.serve(f"/{split}.jsonl", (datasets / relpath).read_bytes()))
+    assert len(load_examples("mquake", "val")) == 95
+    assert (cache_dir() / "mquake" / "val.jsonl").read_bytes() == (datasets / "mquake" / "val.jsonl").read_bytes()
+    assert server.hits == {"/val.jsonl": 1}
+    load_examples("mquake", "val")
+    resolve("mquake/val.jsonl")
+    assert server.hits == {"/val.jsonl": 1}
+
+
+def test_sha256_mismatch_is_an_error_and_leaves_nothing_behind(server, monkeypatch):
+    good = (shared_path("datasets") / "clutrr" / "val.json").read_bytes()
+    point_at(monkeypatch, "clutrr/val.json", server.serve("/val.json", good[:-100]))
+    with pytest.raises(DataError, match="sha256 mismatch") as err:
+        resolve("clutrr/val.json")
+    assert "clutrr/val.json" in str(err.value)
+    assert not (cache_dir() / "clutrr").exists() or not any((cache_dir() / "clutrr").iterdir())
+
+
+def test_mirrors_are_tried_in_order(server, monkeypatch):
+    good = (shared_path("datasets") / "clutrr" / "val.json").read_bytes()
+    point_at(monkeypatch, "clutrr/val.json", closed_port_url("/val.json"), server.url + "/missing",
+             server.serve("/val.json", good))
+    assert resolve("clutrr/val.json").read_bytes() == good
+
+
+def test_offline_message_names_the_file_and_how_to_supply_it(monkeypatch):
+    point_at(monkeypatch, "clutrr/test.json", closed_port_url("/test.json"))
+    with pytest.raises(DataError) as err:
+        load_examples("clutrr", "test")
+    message = str(err.value)
+    assert "could not download clutrr/test.json" in message
+    assert "--data-dir" in message and "LOFIT_DATA_DIR" in message and str(cache_dir()) in message
+
+
+def test_corrupt_cached_file_is_reported_not_used(server, monkeypatch):
+    path = cache_dir() / "clutrr" / "val.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("[]")
+    point_at(monkeypatch, "clutrr/val.json", server.serve("/val.json", b"unused"))
+    with pytest.raises(DataError, match="Delete"):
+        resolve("clutrr/val.json")
+    assert server.hits == {}
+
+
+def test_zip_archive_is_fetched_once_for_all_its_members(server, monkeypatch):
+    raw = shared_path("datasets", "siqa", "raw")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, member in [("train.jsonl", "train.jsonl"), ("train-labels.txt", "train-labels.lst"),
+                             ("dev.jsonl", "dev.jsonl"), ("dev-labels.txt", "dev-labels.lst")]:
+            archive.writestr("socialiqa-train-dev/" + member, (raw / name).read_bytes())
+    url = server.serve("/socialiqa-train-dev.zip", buffer.getvalue())
+    for name in ("train.jsonl", "train-labels.txt", "dev.jsonl", "dev-labels.txt"):
+        point_at(monkeypatch, f"siqa/raw/{name}", url)
+    assert resolve("siqa/raw/train.jsonl").read_bytes() == (raw / "train.jsonl").read_bytes()
+    assert resolve("siqa/raw/train-labels.txt").read_bytes() == (raw / "train-labels.txt").read_bytes()
+    assert resolve("siqa/raw/dev-labels.txt").read_bytes() == (raw / "dev-labels.txt").read_bytes()
+    assert server.hits == {"/socialiqa-train-dev.zip": 1}
+
+
+def test_broken_zip_is_an_error(server, monkeypatch):
+    point_at(monkeypatch, "siqa/raw/dev.jsonl", server.serve("/x.zip", b"not a zip"))
+    with pytest.raises(DataError, match="not a valid zip"):
+        resolve("siqa/raw/dev.jsonl")
+
+
+def test_environment_variable_selects_a_local_copy(server, monkeypatch):
+    monkeypatch.setenv("LOFIT_DATA_DIR", str(shared_path("datasets")))
+    point_at(monkeypatch, "mquake/val.jsonl", server.serve("/val.jsonl", b"unused"))
+    assert len(load_examples("mquake", "val")) == 95
+    assert server.hits == {} and not cache_dir().exists()
+
+
+def test_every_pinned_url_is_a_full_commit_or_official_archive():
+    for relpath, spec in FILES.items():
+        assert len(spec.sha256) == 64, relpath
+        for url in spec.urls:
+            assert url.startswith("https://"), url
+            if "raw.githubusercontent.com" in url:
+                commit = url.split("/")[5]
+                assert len(commit) == 40 and all(c in "0123456789abcdef" for c in commit), url
