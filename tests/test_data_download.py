@@ -13,6 +13,7 @@ from conftest import shared_path
 from data import DataError, load_examples
 from data.download import cache_dir, resolve
 from data.files import FILES
+from data.readers import load_records
 
 
 class Server:
@@ -160,3 +161,9 @@ def test_every_pinned_url_is_a_full_commit_or_official_archive():
             if "raw.githubusercontent.com" in url:
                 commit = url.split("/")[5]
                 assert len(commit) == 40 and all(c in "0123456789abcdef" for c in commit), url
+
+
+def test_pins_match_the_official_files_in_shared():
+    datasets = shared_path("datasets")
+    for relpath, spec in FILES.items():
+        assert len(load_records(relpath, datasets)) == spec.records, relpath  # verifies sha256 too
