@@ -65,6 +65,8 @@ class TaskInfo:
         train_size: Default number of training examples (None: the whole training file).
         folds: Valid values of `fold` (TruthfulQA has two cross-validation folds).
         paper_table: Where the paper reports the task.
+        answer_pattern: SIQA/ARC/BoolQ: regex of the answer keywords; the first match in the
+            generated text is the prediction (LLM-Adapters' extract_answer).
     """
     name: str
     loss: str
@@ -75,7 +77,10 @@ class TaskInfo:
     train_size: int | None = None
     folds: tuple[int, ...] = (0,)
     paper_table: str = "Table 1"
+    answer_pattern: str | None = None
 
+
+CHOICE_PATTERN = "answer1|answer2|answer3|answer4|answer5"
 
 TASK_INFO: dict[str, TaskInfo] = {
     # trl 0.8.1's DPOTrainer: max_length defaults to 512; LoFiT passed max_prompt_length=128.
@@ -86,11 +91,12 @@ TASK_INFO: dict[str, TaskInfo] = {
     "clutrr": TaskInfo("clutrr", loss="ce", metric="generate", train_size=300),
     # Commonsense tasks: this project's protocol (see data/commonsense.py).
     "siqa": TaskInfo("siqa", loss="ce", metric="generate", max_len=512, max_new_tokens=32,
-                     train_size=500, paper_table="Table 3"),
+                     train_size=500, paper_table="Table 3", answer_pattern=CHOICE_PATTERN),
     "arc_challenge": TaskInfo("arc_challenge", loss="ce", metric="generate", max_len=512,
-                              max_new_tokens=32, train_size=500, paper_table="Table 3"),
+                              max_new_tokens=32, train_size=500, paper_table="Table 3",
+                              answer_pattern=CHOICE_PATTERN),
     "boolq": TaskInfo("boolq", loss="ce", metric="generate", max_len=512, max_new_tokens=32,
-                      train_size=500, paper_table="Table 3"),
+                      train_size=500, paper_table="Table 3", answer_pattern="true|false"),
 }
 
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import random
+import re
 
 import pytest
 
@@ -194,6 +195,9 @@ def test_every_task_loads_with_consistent_fields(data_dir):
                     assert ex.rejected and ex.true_answers and ex.false_answers
                 else:
                     assert ex.references and ex.eval_prompt == ex.prompt
+                pattern = TASK_INFO[task].answer_pattern
+                if pattern:  # the training target itself scores as correct
+                    assert re.findall(pattern, ex.answer)[0] == ex.references[0]
 
 
 @pytest.mark.parametrize("kwargs,message", [
