@@ -37,17 +37,13 @@ ANSWER_PREFIX = "the correct answer is "
 SIQA_INSTRUCTION = ("Please choose the correct answer to the question: {context} {question}\n\n"
                     "Answer1: {answerA} Answer2: {answerB} Answer3: {answerC}\n\n"
                     "Answer format: answer1/answer2/answer3")
-LLM_ADAPTERS_DIRS = {"siqa": "siqa/llm_adapters", "arc_challenge": "arc_challenge/llm_adapters",
-                     "boolq": "boolq/llm_adapters"}
 
 
 def load(task: str, split: str, data_dir: str | os.PathLike | None,
          train_size: int | None, seed: int) -> list[Example]:
     """Examples of one split of siqa, arc_challenge or boolq (see the module docstring)."""
     if split == "test":
-        relpath = f"{LLM_ADAPTERS_DIRS[task]}/test.json"
-        return [_from_llm_adapters(str(i), r, f"{relpath} item {i}")
-                for i, r in enumerate(load_records(relpath, data_dir))]
+        return _llm_adapters_file(task, "test", data_dir)
     pool = _training_pool(task, data_dir)
     val_ids = set(random.Random(VAL_SEED).sample(range(len(pool)), VAL_SIZE))
     if split == "val":
@@ -64,9 +60,7 @@ def siqa_instruction(record: dict, where: str) -> str:
 
 def _training_pool(task: str, data_dir: str | os.PathLike | None) -> list[Example]:
     if task != "siqa":
-        relpath = f"{LLM_ADAPTERS_DIRS[task]}/train.json"
-        return [_from_llm_adapters(str(i), r, f"{relpath} item {i}")
-                for i, r in enumerate(load_records(relpath, data_dir))]
+        return _llm_adapters_file(task, "train", data_dir)
     records = load_records("siqa/raw/train.jsonl", data_dir)
     labels = load_records("siqa/raw/train-labels.txt", data_dir)
     pool = []
@@ -76,6 +70,12 @@ def _training_pool(task: str, data_dir: str | os.PathLike | None) -> list[Exampl
             raise DataError(f"siqa/raw/train-labels.txt line {i + 1}: label {label!r} is not 1, 2 or 3")
         pool.append(_example(str(i), siqa_instruction(record, where), "answer" + label))
     return pool
+
+
+def _llm_adapters_file(task: str, split: str, data_dir: str | os.PathLike | None) -> list[Example]:
+    relpath = f"{task}/llm_adapters/{split}.json"
+    return [_from_llm_adapters(str(i), record, f"{relpath} item {i}")
+            for i, record in enumerate(load_records(relpath, data_dir))]
 
 
 def _from_llm_adapters(row_id: str, record: dict, where: str) -> Example:
