@@ -1,0 +1,405 @@
+"""Evaluate a base model, a model with a LoFiT adapter, or a merged export, with the paper's metrics.
+
+    python eval.py --task truthfulqa --model meta-llama/Llama-2-7b-hf --adapter tqa_fold0.safetensors
+    python eval.py --task mquake --model runs/mquake_merged --limit 100 --out results.json
+
+TruthfulQA (MC1, MC2, MC3) scores every candidate answer by the SUM of its tokens' log-probs after
+INSTRUCTION + "\\n\\n" + 6-shot primer + "\\n\\nQ: " + question + "\\nA: ". That long prefix is the
+same for every candidate of every question, so its KV cache is computed once and each candidate
+only pays for its own question and answer tokens (scores equal the full-prompt computation).
+MQuAKE and CLUTRR: exact match on greedy decoding of 16 tokens with LoFiT's extraction rules.
+SIQA, ARC-Challenge, BoolQ: greedy decoding, then the first answer keyword (LLM-Adapters' rule).
+See ../shared/docs/tasks.md and data/ for the prompts; the metric functions below cite each rule.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import TASK_INFO, TASKS, DataError, Example, load_examples
+from model import KVCache, Llama
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and extraction rules (pure functions: tested against hand-worked cases)
+
+
+def mc_metrics(scores_true: list[float], scores_false: list[float], score_best: float) -> dict:
+    """TruthfulQA MC1, MC2, MC3 of one question from its candidates' summed log-probs.
+
+    As TruthfulQA's (and ITI's / LoFiT's) MC_calcs: MC1 = 1 if the best answer scores strictly
+    above every false answer (a tie counts as wrong); MC2 = sum exp(true) / (sum exp(true) +
+    sum exp(false)); MC3 = the fraction of true answers scoring strictly above the best false one.
+    MC2 is computed with log-sum-exp: the same number, but no 0/0 when every exp underflows.
+    """
+    max_false = max(scores_false)
+    everything = torch.tensor(list(scores_true) + list(scores_false), dtype=torch.float64)
+    log_mass_true = torch.logsumexp(everything[:len(scores_true)], 0)
+    return {
+        "mc1": float(score_best > max_false),
+        "mc2": math.exp(float(log_mass_true - torch.logsumexp(everything, 0))),
+        "mc3": sum(s > max_false for s in scores_true) / len(scores_true),
+    }
+
+
+def mquake_prediction(decoded: str) -> str:
+    """LoFiT's MQuAKE answer: the text after the LAST "A:" of the decoded prompt + generation,
+    cut at the first newline and lowercased, NOT stripped (a leading space makes it wrong)."""
+    return decoded.split("A:")[-1].split("\n")[0].lower()
+
+
+def mquake_correct(prediction: str, references: list[str], strip: bool = False) -> bool:
+    """Exact match against [new_answer] + new_answer_alias, lowercased. strip=True is the lenient
+    variant reported beside the paper's number (whitespace around the prediction is ignored)."""
+    if strip:
+        prediction = prediction.strip()
+    return prediction in [r.lower() for r in references]
+
+
+def clutrr_extract(decoded: str) -> str:
+    """LoFiT's CLUTRR answer: decoded.split("'s\\n")[1].split(".")[0].strip().lower(), applied to
+    the decoded prompt + generation (the prompt ends in "'s\\n"). Where the text has no "'s\\n" the
+    original would crash; here the prediction is "" (wrong)."""
+    parts = decoded.split("'s\n")
+    return parts[1].split(".")[0].strip().lower() if len(parts) > 1 else ""
+
+
+def keyword_extract(generation: str, pattern: str) -> str:
+    """LLM-Adapters' SIQA/ARC/BoolQ answer: the first match of `pattern` (e.g. "true|false") in the
+    stripped generated text (the new tokens only), case-sensitive; "" when there is none."""
+    found = re.findall(pattern, generation.strip())
+    return found[0] if found else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# TruthfulQA: summed answer log-probs, batched, with the shared prefix cached once
+
+
+def mc_sequences(tokenizer, example: Example) -> tuple[list[list[int]], int, list[str]]:
+    """Token ids of every candidate of one question, the index where the answer tokens begin, and
+    the candidate texts (true answers first, then false ones).
+
+    The answer's tokens are located as in ITI's / LoFiT's tqa_run_probs: tokenize the context
+    (instruction + primer + question, with BOS) to length L and the full text, then score the full
+    text's tokens from L + 3 on, the 3 being "\\nA:". Here the start is len(tokens of context +
+    "\\nA:"), which is the same number wherever "\\nA:" is those 3 tokens (Llama-2, Gemma and
+    stories260K tokenizers; tests check it) and still right for tokenizers where it is not.
+    The answer's first token carries the space after "A:" (e.g. "▁Nothing").
+    """
+    answers = list(example.true_answers) + list(example.false_answers)
+    head = example.eval_prompt + "\nA:"
+    answer_start = len(tokenizer.encode(head, bos=True))
+    sequences = tokenizer.encode_batch([head + " " + a for a in answers], bos=True)
+    return sequences, answer_start, answers
+
+
+def shared_prefix_length(sequences: list[list[int]], answer_starts: list[int]) -> int:
+    """Length of the longest common token prefix of all sequences, kept at least one token short
+    of every answer (the logit predicting an answer's first token must come from the suffix).
+
+    Using the common prefix of the actual token ids (not the tokenized prefix text) makes the cache
+    valid for every sequence by construction, whatever SentencePiece does at the text boundary.
+    """
+    first, limit = sequences[0], min(answer_starts) - 1
+    length = 0
+    while length < limit and all(len(s) > length and s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+@torch.no_grad()
+def answer_scores(model: Llama, sequences: list[list[int]], answer_starts: list[int], *,
+                  batch_size: int = 8, prefix_cache: bool = True, progress: bool = False) -> list[float]:
+    """Sum of log p(token | everything before it) over sequences[i][answer_starts[i]:], per i.
+
+    With prefix_cache, the common token prefix of all sequences runs once (batch 1); its KV cache is
+    expanded to each batch, which then holds only the right-padded suffixes. Logits are computed
+    only at the positions that predict answer tokens, in fp32.
+    """
+    device = model.embed_tokens.weight.device
+    prefix_len = shared_prefix_length(sequences, answer_starts) if prefix_cache else 0
+    prefix = None
+    if prefix_len:
+        prefix = KVCache()
+        model.hidden_states(torch.tensor([sequences[0][:prefix_len]], device=device), cache=prefix)
+    scores = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # similar lengths together
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="scoring answers", disable=not progress, leave=False):
+        suffixes = [sequences[i][prefix_len:] for i in batch]
+        width = max(len(s) for s in suffixes)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, S) right-padded; pads are masked
+        mask = torch.zeros(len(batch), prefix_len + width, dtype=torch.long)  # (B, P + S)
+        mask[:, :prefix_len] = 1
+        rows, cols, targets = [], [], []  # where each answer token is predicted, and the token
+        for b, (i, suffix) in enumerate(zip(batch, suffixes)):
+            ids[b, :len(suffix)] = torch.tensor(suffix)
+            mask[b, prefix_len:prefix_len + len(suffix)] = 1
+            for t in range(answer_starts[i], len(sequences[i])):
+                rows.append(b)
+                cols.append(t - 1 - prefix_len)  # the hidden state at t - 1 predicts token t
+                targets.append(sequences[i][t])
+        cache = prefix.expand(len(batch)) if prefix is not None else None
+        h = model.hidden_states(ids.to(device), mask.to(device), cache)  # (B, S, D)
+        rows_t = torch.tensor(rows, device=device)
+        logits = model.lm_head(h[rows_t, torch.tensor(cols, device=device)]).float()  # (N, V)
+        token_logp = logits.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+        sums = torch.zeros(len(batch), device=device).index_add_(0, rows_t, token_logp)  # (B,)
+        for b, i in enumerate(batch):
+            scores[i] = float(sums[b])
+    return scores
+
+
+def evaluate_truthfulqa(model, tokenizer, examples, batch_size, progress, prefix_cache=True) -> dict:
+    """MC1/MC2/MC3 averaged over questions; details hold every candidate's score."""
+    per_question = [mc_sequences(tokenizer, ex) for ex in examples]
+    sequences = [s for seqs, _, _ in per_question for s in seqs]
+    starts = [start for seqs, start, _ in per_question for _ in seqs]
+    flat = answer_scores(model, sequences, starts, batch_size=batch_size, prefix_cache=prefix_cache,
+                         progress=progress)
+    details, offset = [], 0
+    for ex, (seqs, _, answers) in zip(examples, per_question):
+        scores, offset = flat[offset:offset + len(seqs)], offset + len(seqs)
+        n_true = len(ex.true_answers)
+        true, false = scores[:n_true], scores[n_true:]
+        best = true[ex.true_answers.index(ex.best_answer)]  # the best answer is one of the true ones
+        details.append({"id": ex.id, "question": ex.question, "best_answer": ex.best_answer,
+                        **mc_metrics(true, false, best),
+                        "true": [{"answer": a, "score": s} for a, s in zip(answers[:n_true], true)],
+                        "false": [{"answer": a, "score": s} for a, s in zip(answers[n_true:], false)]})
+    summary = {m: sum(d[m] for d in details) / len(details) for m in ("mc1", "mc2", "mc3")}
+    return {"summary": {"task": "truthfulqa", "n": len(details), **summary}, "details": details}
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation tasks
+
+
+def stop_ids(model: Llama, tokenizer) -> list[int]:
+    """Generation stops on the tokenizer's EOS and on any EOS the model's config names."""
+    ids = model.config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({tokenizer.eos_id, *ids})
+
+
+@torch.no_grad()
+def generate_greedy(model: Llama, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                    batch_size: int = 8, progress: bool = False) -> list[tuple[str, str]]:
+    """Greedy continuations of left-padded batches; per prompt (decoded prompt + generation,
+    decoded generation alone), cut at the first EOS, special tokens dropped (HF's batch_decode
+    with skip_special_tokens, as the original used on the whole output)."""
+    device = model.embed_tokens.weight.device
+    encoded = tokenizer.encode_batch(prompts, bos=True)
+    eos = stop_ids(model, tokenizer)
+    results: list[tuple[str, str]] = [("", "")] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)  # (B, T) left-padded
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for b, i in enumerate(batch):
+            ids[b, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[b, width - len(encoded[i]):] = 1
+        new = model.generate(ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                             eos_id=eos, pad_id=tokenizer.pad_id).tolist()  # (B, n)
+        for b, i in enumerate(batch):
+            tokens = new[b]
+            cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
+            tokens = tokens[:cut]
+            results[i] = (tokenizer.decode(encoded[i] + tokens), tokenizer.decode(tokens))
+    return results
+
+
+def evaluate_generation(model, tokenizer, task, examples, batch_size, progress) -> dict:
+    """Exact-match accuracy of greedy generations; details hold raw generations and predictions."""
+    info = TASK_INFO[task]
+    outputs = generate_greedy(model, tokenizer, [ex.eval_prompt for ex in examples],
+                              max_new_tokens=info.max_new_tokens, batch_size=batch_size, progress=progress)
+    details = []
+    for ex, (decoded, generation) in zip(examples, outputs):
+        row = {"id": ex.id, "prompt": ex.eval_prompt, "generation": generation, "references": ex.references}
+        if task == "mquake":
+            pred = mquake_prediction(decoded)
+            row.update(prediction=pred, correct=mquake_correct(pred, ex.references),
+                       prediction_stripped=pred.strip(),
+                       correct_stripped=mquake_correct(pred, ex.references, strip=True))
+        elif task == "clutrr":
+            pred = clutrr_extract(decoded)
+            row.update(prediction=pred, correct=pred == ex.references[0].lower())
+        else:
+            pred = keyword_extract(generation, info.answer_pattern)
+            row.update(prediction=pred, correct=pred == ex.references[0])
+        details.append(row)
+    summary = {"task": task, "n": len(details), "accuracy": sum(d["correct"] for d in details) / len(details)}
+    if task == "mquake":
+        summary["accuracy_stripped"] = sum(d["correct_stripped"] for d in details) / len(details)
+    return {"summary": summary, "details": details}
+
+
+def evaluate(model: Llama, tokenizer, task: str, examples: list[Example], *, batch_size: int = 8,
+             progress: bool = True, prefix_cache: bool = True) -> dict:
+    """Evaluate `model` on `examples` of `task` with the paper's metric.
+
+    Args:
+        model: A Llama (with or without LoFiT offsets), in eval mode.
+        tokenizer: Its tokenizer (tokenizer.load_tokenizer).
+        task: One of data.TASKS.
+        examples: data.load_examples(task, split, ...) output.
+        batch_size: Sequences per forward pass.
+        progress: Show tqdm progress bars.
+        prefix_cache: TruthfulQA only: reuse the KV cache of the shared prompt prefix.
+
+    Returns:
+        {"summary": {"task", "n", metrics...}, "details": [one dict per example]}. TruthfulQA:
+        mc1, mc2, mc3 (and every candidate's score in details); MQuAKE: accuracy (the paper's,
+        unstripped) and accuracy_stripped; the others: accuracy.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if not examples:
+        raise ValueError(f"no {task} examples to evaluate")
+    if TASK_INFO[task].metric == "mc":
+        return evaluate_truthfulqa(model, tokenizer, examples, batch_size, progress, prefix_cache)
+    return evaluate_generation(model, tokenizer, task, examples, batch_size, progress)
+
+
+def mean_over_folds(summaries: list[dict]) -> dict:
+    """The paper's TruthfulQA number: each metric averaged over the folds' summaries."""
+    metrics = [k for k, v in summaries[0].items() if isinstance(v, float)]
+    return {"task": summaries[0]["task"], "n": sum(s["n"] for s in summaries),
+            **{m: sum(s[m] for s in summaries) / len(summaries) for m in metrics},
+            "folds": summaries}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory or hub id (a merged export too)")
+    p.add_argument("--adapter", nargs="+", default=None,
+                   help="LoFiT adapter file; with --fold both, one per fold (fold 0's first)")
+    p.add_argument("--data-dir", default=None, help="local dataset directory (default: $LOFIT_DATA_DIR or download)")
+    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    p.add_argument("--fold", default="0", choices=["0", "1", "both"],
+                   help="TruthfulQA fold; 'both' reports the mean over the two folds (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-prefix-cache", action="store_true", help="TruthfulQA: score every full prompt")
+    p.add_argument("--out", type=Path, default=None, help="write summary and details here (JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+class UsageError(ValueError):
+    """Bad command-line input; main prints it and exits with status 2."""
+
+
+def check_args(args) -> list[int]:
+    """Validate what can be checked before loading anything; return the folds to evaluate."""
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    folds = [0, 1] if args.fold == "both" else [int(args.fold)]
+    if args.task != "truthfulqa" and folds != [0]:
+        raise UsageError(f"--fold applies to truthfulqa only; {args.task} has one split")
+    if args.adapter and len(args.adapter) != len(folds):
+        raise UsageError(f"give one --adapter per fold: {len(folds)} fold(s), {len(args.adapter)} adapter(s)")
+    for path in args.adapter or []:
+        if not Path(path).is_file():
+            raise UsageError(f"adapter file {path} does not exist")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be a positive number of examples")
+    if args.out is not None and not args.out.parent.resolve().is_dir():
+        raise UsageError(f"output directory {args.out.parent} does not exist; create it first")
+    return folds
+
+
+def write_json_atomically(path: Path, obj) -> None:
+    """Write JSON through a temporary file in the same directory, then rename: never half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> dict:
+    """Load everything, evaluate each requested fold, return the results dict (CLI body)."""
+    from hub import HubError
+    from model import CheckpointError
+    from tokenizer import TokenizerError, load_tokenizer
+
+    folds = check_args(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
+                                  train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
+        model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(args.model)
+    except (DataError, HubError, CheckpointError, TokenizerError) as err:
+        raise UsageError(str(err)) from None
+    summaries, details = [], []
+    for k, fold in enumerate(folds):
+        if args.adapter:
+            load_adapter_or_fail(args.adapter[k], model)
+        result = evaluate(model, tokenizer, args.task, examples[k], batch_size=args.batch_size,
+                          progress=not args.quiet, prefix_cache=not args.no_prefix_cache)
+        if args.task == "truthfulqa":
+            result["summary"]["fold"] = fold
+            details += [{"fold": fold, **d} for d in result["details"]]
+        else:
+            details += result["details"]
+        summaries.append(result["summary"])
+    summary = mean_over_folds(summaries) if len(summaries) > 1 else summaries[0]
+    config = {"task": args.task, "model": args.model, "adapter": args.adapter, "split": args.split,
+              "folds": folds, "limit": args.limit, "dtype": str(dtype).removeprefix("torch."), "device": device}
+    return {"config": config, "summary": summary, "details": details}
+
+
+def load_adapter_or_fail(path: str, model: Llama) -> None:
+    """Put an adapter's offsets into `model` (replacing any earlier ones), or raise UsageError."""
+    import lofit
+    with torch.no_grad():
+        for block in model.layers:  # start from the base model, so adapters never stack
+            block.self_attn.lofit_A.zero_()
+            block.self_attn.lofit_v.zero_()
+    try:
+        lofit.load_adapter(path, model)
+    except lofit.AdapterError as err:
+        raise UsageError(str(err)) from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        write_json_atomically(args.out, results)
+    print(json.dumps(results["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
