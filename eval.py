@@ -9,15 +9,13 @@ same for every candidate of every question, so its KV cache is computed once and
 only pays for its own question and answer tokens (scores equal the full-prompt computation).
 MQuAKE and CLUTRR: exact match on greedy decoding of 16 tokens with LoFiT's extraction rules.
 SIQA, ARC-Challenge, BoolQ: greedy decoding, then the first answer keyword (LLM-Adapters' rule).
-See ../shared/docs/tasks.md and data/ for the prompts; the metric functions below cite each rule.
+Prompts: data/ and ../shared/docs/tasks.md. Metrics and extraction rules: metrics.py (re-exported here).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -26,57 +24,13 @@ import torch
 from tqdm import tqdm
 
 from data import TASK_INFO, TASKS, DataError, Example, load_examples
+from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
+                     mquake_prediction)
 from model import KVCache, Llama
 
-# ----------------------------------------------------------------------------------------------
-# Metrics and extraction rules (pure functions: tested against hand-worked cases)
-
-
-def mc_metrics(scores_true: list[float], scores_false: list[float], score_best: float) -> dict:
-    """TruthfulQA MC1, MC2, MC3 of one question from its candidates' summed log-probs.
-
-    As TruthfulQA's (and ITI's / LoFiT's) MC_calcs: MC1 = 1 if the best answer scores strictly
-    above every false answer (a tie counts as wrong); MC2 = sum exp(true) / (sum exp(true) +
-    sum exp(false)); MC3 = the fraction of true answers scoring strictly above the best false one.
-    MC2 is computed with log-sum-exp: the same number, but no 0/0 when every exp underflows.
-    """
-    max_false = max(scores_false)
-    everything = torch.tensor(list(scores_true) + list(scores_false), dtype=torch.float64)
-    log_mass_true = torch.logsumexp(everything[:len(scores_true)], 0)
-    return {
-        "mc1": float(score_best > max_false),
-        "mc2": math.exp(float(log_mass_true - torch.logsumexp(everything, 0))),
-        "mc3": sum(s > max_false for s in scores_true) / len(scores_true),
-    }
-
-
-def mquake_prediction(decoded: str) -> str:
-    """LoFiT's MQuAKE answer: the text after the LAST "A:" of the decoded prompt + generation,
-    cut at the first newline and lowercased, NOT stripped (a leading space makes it wrong)."""
-    return decoded.split("A:")[-1].split("\n")[0].lower()
-
-
-def mquake_correct(prediction: str, references: list[str], strip: bool = False) -> bool:
-    """Exact match against [new_answer] + new_answer_alias, lowercased. strip=True is the lenient
-    variant reported beside the paper's number (whitespace around the prediction is ignored)."""
-    if strip:
-        prediction = prediction.strip()
-    return prediction in [r.lower() for r in references]
-
-
-def clutrr_extract(decoded: str) -> str:
-    """LoFiT's CLUTRR answer: decoded.split("'s\\n")[1].split(".")[0].strip().lower(), applied to
-    the decoded prompt + generation (the prompt ends in "'s\\n"). Where the text has no "'s\\n" the
-    original would crash; here the prediction is "" (wrong)."""
-    parts = decoded.split("'s\n")
-    return parts[1].split(".")[0].strip().lower() if len(parts) > 1 else ""
-
-
-def keyword_extract(generation: str, pattern: str) -> str:
-    """LLM-Adapters' SIQA/ARC/BoolQ answer: the first match of `pattern` (e.g. "true|false") in the
-    stripped generated text (the new tokens only), case-sensitive; "" when there is none."""
-    found = re.findall(pattern, generation.strip())
-    return found[0] if found else ""
+__all__ = ["evaluate", "answer_scores", "generate_greedy", "mc_sequences", "shared_prefix_length",
+           "mc_metrics", "mean_over_folds", "mquake_prediction", "mquake_correct", "clutrr_extract",
+           "keyword_extract", "main"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,14 +224,6 @@ def evaluate(model: Llama, tokenizer, task: str, examples: list[Example], *, bat
     if TASK_INFO[task].metric == "mc":
         return evaluate_truthfulqa(model, tokenizer, examples, batch_size, progress, prefix_cache)
     return evaluate_generation(model, tokenizer, task, examples, batch_size, progress)
-
-
-def mean_over_folds(summaries: list[dict]) -> dict:
-    """The paper's TruthfulQA number: each metric averaged over the folds' summaries."""
-    metrics = [k for k, v in summaries[0].items() if isinstance(v, float)]
-    return {"task": summaries[0]["task"], "n": sum(s["n"] for s in summaries),
-            **{m: sum(s[m] for s in summaries) / len(summaries) for m in metrics},
-            "folds": summaries}
 
 
 # ----------------------------------------------------------------------------------------------

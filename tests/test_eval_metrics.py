@@ -1,10 +1,10 @@
-"""eval.py's metric functions and extraction rules against hand-worked cases (no model needed)."""
+"""metrics.py (eval.py's metric functions and extraction rules) against hand-worked cases."""
 import math
 
 import pytest
 
-from eval import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
-                  mquake_prediction)
+from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
+                     mquake_prediction)
 
 # ---------------------------------------------------------------------------------------------
 # TruthfulQA MC1 / MC2 / MC3
