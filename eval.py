@@ -147,9 +147,13 @@ def stop_ids(model: Llama, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate_greedy(model: Llama, tokenizer, prompts: list[str], *, max_new_tokens: int,
                     batch_size: int = 8, progress: bool = False) -> list[tuple[str, str]]:
-    """Greedy continuations of left-padded batches; per prompt (decoded prompt + generation,
-    decoded generation alone), cut at the first EOS, special tokens dropped (HF's batch_decode
-    with skip_special_tokens, as the original used on the whole output)."""
+    """Greedy continuations of left-padded batches, cut at the first EOS.
+
+    Returns, per prompt, (decoded prompt + generation, the generated part of that text). Special
+    tokens are dropped, as by HF's batch_decode(skip_special_tokens=True), which the original
+    applied to the whole output. The generated part is cut from the joint decode, so it keeps a
+    leading space that decoding the new tokens alone would lose.
+    """
     device = model.embed_tokens.weight.device
     encoded = tokenizer.encode_batch(prompts, bos=True)
     eos = stop_ids(model, tokenizer)
@@ -169,7 +173,9 @@ def generate_greedy(model: Llama, tokenizer, prompts: list[str], *, max_new_toke
             tokens = new[b]
             cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
             tokens = tokens[:cut]
-            results[i] = (tokenizer.decode(encoded[i] + tokens), tokenizer.decode(tokens))
+            decoded, prompt_text = tokenizer.decode(encoded[i] + tokens), tokenizer.decode(encoded[i])
+            generated = decoded[len(prompt_text):] if decoded.startswith(prompt_text) else tokenizer.decode(tokens)
+            results[i] = (decoded, generated)
     return results
 
 

@@ -174,7 +174,8 @@ def hf_greedy(hf_model, sp, prompt: str, max_new_tokens: int):
                             do_sample=False, eos_token_id=sp.eos_id(), pad_token_id=sp.eos_id())
     new = out[0, ids.shape[1]:].tolist()
     new = new[:new.index(sp.eos_id())] if sp.eos_id() in new else new
-    return sp.decode(ids[0].tolist() + new), sp.decode(new)
+    decoded = sp.decode(ids[0].tolist() + new)
+    return decoded, decoded[len(sp.decode(ids[0].tolist())):]
 
 
 @pytest.mark.parametrize("task", ["mquake", "clutrr", "boolq"])
