@@ -1,0 +1,274 @@
+"""What LoFiT training leaves behind: adapter files, and offsets merged into o_proj.
+
+An adapter file is a small safetensors file with only the selected heads' vectors:
+
+    heads (K, 2) int64   the (layer, head) pairs, in selection order
+    v     (K, head_dim)  their bias offsets
+    A     (K, head_dim)  their scale offsets (present when any is non-zero, e.g. after stage 1)
+
+and string metadata (JSON where structured): format, format_version, base_model, config (the base
+model's LlamaConfig.fingerprint()), config_sha256, stage, task, hparams, heads, complete (false
+when the model had non-zero offsets outside `heads`, which the file then lacks). Loading checks
+the file against the model and names both when they differ.
+
+Merging: o_proj is linear, so for head h's slice z_h of its input,
+    W_o [(1 + A) * z + v] + b  =  (W_o diag(1 + A)) z + (b + W_o v)
+i.e. the scale folds into W_o's input columns and the bias into o_proj's bias: zero overhead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import hf_name
+
+FORMAT = "lofit-adapter"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be read, or that does not fit the model; the message says why."""
+
+
+def _attentions(model) -> list[nn.Module]:
+    return [block.self_attn for block in model.layers]
+
+
+def _config_json(model) -> dict:
+    """The model's config fingerprint as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(model.config.fingerprint(), sort_keys=True))
+
+
+def _sha(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter files
+
+
+def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | None = None) -> None:
+    """Write the offsets of `heads` to a safetensors adapter file, atomically.
+
+    Args:
+        path: Destination file (any name; written to a temporary file first, then renamed).
+        model: A Llama carrying trained offsets.
+        heads: (layer, head) pairs to store, e.g. the selected heads; None stores every head.
+        stage: 1 (A trained) or 2 (v trained). task: The task name. hparams: JSON-able settings.
+
+    Warns when the model has non-zero offsets on heads not in `heads` (the file cannot reproduce it).
+    """
+    from safetensors.torch import save_file
+    from lofit import check_heads
+    n_layers, n_heads = model.config.n_layers, model.config.n_heads
+    heads = [(l, h) for l in range(n_layers) for h in range(n_heads)] if heads is None else check_heads(model, heads)
+    attns = _attentions(model)
+    v = torch.stack([attns[l].lofit_v[h] for l, h in heads]).detach().cpu()  # (K, hd)
+    A = torch.stack([attns[l].lofit_A[h] for l, h in heads]).detach().cpu()  # (K, hd)
+    tensors = {"heads": torch.tensor(heads, dtype=torch.int64).reshape(-1, 2), "v": v.contiguous()}
+    if stage == 1 or A.any():
+        tensors["A"] = A.contiguous()
+    chosen = set(heads)
+    left_out = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in chosen
+                and (attns[l].lofit_A[h].any() or attns[l].lofit_v[h].any())]
+    if left_out:
+        warnings.warn(f"{len(left_out)} heads outside the {len(heads)} saved have non-zero offsets "
+                      f"(e.g. {left_out[:3]}); the adapter {path} will not reproduce this model exactly")
+    config = _config_json(model)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": str(model.source or ""),
+                "config": json.dumps(config, sort_keys=True), "config_sha256": _sha(config),
+                "stage": str(int(stage)), "task": str(task), "hparams": json.dumps(hparams or {}, sort_keys=True),
+                "heads": json.dumps(heads), "complete": json.dumps(not left_out)}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_adapter(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of an adapter file, metadata decoded; AdapterError if it is not one."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{path} is not a readable safetensors file ({e})") from None
+    if raw.get("format") != FORMAT:
+        raise AdapterError(f"{path} is not a LoFiT adapter (no '{FORMAT}' metadata); "
+                           f"pass an adapter.safetensors written by train.py or save_adapter")
+    if int(raw.get("format_version", 0)) > FORMAT_VERSION:
+        raise AdapterError(f"{path} has adapter format version {raw['format_version']}; this code reads "
+                           f"up to {FORMAT_VERSION}: update the code")
+    try:
+        meta = {**raw, "format_version": int(raw["format_version"]), "stage": int(raw["stage"]),
+                "config": json.loads(raw["config"]), "hparams": json.loads(raw["hparams"]),
+                "heads": [tuple(h) for h in json.loads(raw["heads"])], "complete": json.loads(raw["complete"])}
+    except (KeyError, ValueError) as e:
+        raise AdapterError(f"{path} has broken adapter metadata ({e!r}); write the adapter again") from None
+    return tensors, meta
+
+
+def load_adapter(path, model) -> dict:
+    """Set `model`'s offsets to the adapter's: the file's heads get its v (and A), all others 0.
+
+    Returns:
+        The metadata: base_model, config, config_sha256, stage (int), task, hparams (dict),
+        heads (list of (layer, head)), complete (bool), format, format_version.
+
+    Raises:
+        AdapterError: the file is missing or not an adapter, was made for another architecture
+            (the message names both models and the differing config fields), or is inconsistent.
+    """
+    tensors, meta = read_adapter(path)
+    ours = _config_json(model)
+    if meta["config"] != ours:
+        fields = sorted(set(meta["config"]) | set(ours))
+        diff = [f"{f}: adapter {meta['config'].get(f)!r} vs model {ours.get(f)!r}"
+                for f in fields if meta["config"].get(f) != ours.get(f)]
+        raise AdapterError(f"adapter {path} was trained on {meta['base_model'] or 'an unnamed model'!r} "
+                           f"(config {meta['config_sha256']}), which does not fit {model.source or 'this model'!r} "
+                           f"(config {_sha(ours)}): " + "; ".join(diff))
+    heads, v, A = tensors.get("heads"), tensors.get("v"), tensors.get("A")
+    K, hd = len(meta["heads"]), model.config.head_dim
+    if heads is None or v is None or tuple(heads.shape) != (K, 2) or tuple(v.shape) != (K, hd) \
+            or (A is not None and tuple(A.shape) != (K, hd)) or [tuple(h) for h in heads.tolist()] != meta["heads"]:
+        raise AdapterError(f"{path} is inconsistent: expected heads ({K}, 2), v and A ({K}, {hd}) matching "
+                           f"its metadata; write the adapter again")
+    n_layers, n_heads = model.config.n_layers, model.config.n_heads
+    if any(not (0 <= l < n_layers and 0 <= h < n_heads) for l, h in meta["heads"]):
+        raise AdapterError(f"{path} names heads outside {model.source or 'this model'!r} "
+                           f"({n_layers} layers x {n_heads} heads)")
+    if meta["base_model"] and model.source and Path(meta["base_model"]).name != Path(str(model.source)).name:
+        warnings.warn(f"adapter {path} was trained on {meta['base_model']!r}, loading it onto {model.source!r} "
+                      f"(same architecture; make sure the weights are the same model)")
+    attns = _attentions(model)
+    with torch.no_grad():
+        for attn in attns:
+            attn.lofit_A.zero_()
+            attn.lofit_v.zero_()
+        for i, (l, h) in enumerate(meta["heads"]):
+            attns[l].lofit_v[h] = v[i].to(attns[l].lofit_v.device, attns[l].lofit_v.dtype)
+            if A is not None:
+                attns[l].lofit_A[h] = A[i].to(attns[l].lofit_A.device, attns[l].lofit_A.dtype)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging into o_proj
+
+
+def merged_o_proj(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o_proj's (weight (D, H*hd), bias (D,) or None) with this layer's A and v folded in.
+
+    Computed in fp64 and rounded once to the weight's dtype. The bias is None only when o_proj
+    had none and v is zero.
+    """
+    W = attn.o_proj.weight.detach()
+    b = attn.o_proj.bias
+    if not attn.lofit_enabled:
+        return W, (None if b is None else b.detach())
+    scale = 1 + attn.lofit_A.detach().double().reshape(-1)  # (H*hd,)
+    v = attn.lofit_v.detach().double().reshape(-1)  # (H*hd,): heads concatenated, as o_proj's input
+    weight = (W.double() * scale).to(W.dtype)  # column j of W_o times (1 + A)_j
+    if b is None and not v.any():
+        return weight, None
+    bias = W.double() @ v + (0 if b is None else b.detach().double())  # (D,): b + W_o v
+    return weight, bias.to(W.dtype)
+
+
+def merge_offsets(model) -> None:
+    """Fold every layer's A and v into its o_proj, in place; A and v are 0 afterwards.
+
+    The model then computes the same function (up to one rounding of the merged weights) with no
+    LoFiT arithmetic. An o_proj without bias gets one when its layer's v is non-zero. Offsets that
+    are switched off (lofit_enabled False) are not in effect, so they are not merged: they are
+    dropped. Works on an unsharded model (not on FSDP-wrapped blocks).
+    """
+    with torch.no_grad():
+        for attn in _attentions(model):
+            weight, bias = merged_o_proj(attn)
+            attn.o_proj.weight.copy_(weight)
+            if bias is not None and attn.o_proj.bias is None:
+                attn.o_proj.bias = nn.Parameter(bias, requires_grad=attn.o_proj.weight.requires_grad)
+            elif bias is not None:
+                attn.o_proj.bias.copy_(bias)
+            attn.lofit_A.zero_()
+            attn.lofit_v.zero_()
+
+
+def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -> Path:
+    """Write the model with its offsets merged as a Hugging Face checkpoint directory.
+
+    `model` itself is not changed. The directory holds config.json (attention_bias true when any
+    o_proj needs a bias; q/k/v then get zero biases, since HF's flag covers all four projections),
+    model.safetensors (HF tensor names, the model's dtype) and, from `tokenizer_dir`, the tokenizer
+    files found there. transformers' LlamaForCausalLM / GemmaForCausalLM and Llama.from_pretrained
+    load it. It is built in a temporary directory and renamed into place.
+
+    Raises:
+        FileExistsError: `out_dir` exists and overwrite is False.
+        FileNotFoundError: `tokenizer_dir` holds none of the tokenizer files.
+    """
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists: choose a new directory or pass overwrite=True")
+    tokenizer_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES] if tokenizer_dir else []
+    tokenizer_files = [f for f in tokenizer_files if f.is_file()]
+    if tokenizer_dir and not tokenizer_files:
+        raise FileNotFoundError(f"{tokenizer_dir} has none of the tokenizer files {', '.join(TOKENIZER_FILES)}")
+    cfg = model.config
+    merged = {i: merged_o_proj(attn) for i, attn in enumerate(_attentions(model))}
+    with_bias = cfg.attention_bias or any(b is not None for _, b in merged.values())
+    state = {}
+    for name, p in model.named_parameters():
+        if ".lofit_" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        state[hf_name(name)] = p.detach()
+    dtype = model.embed_tokens.weight.dtype
+    for i, (weight, bias) in merged.items():
+        prefix = f"model.layers.{i}.self_attn."
+        state[prefix + "o_proj.weight"] = weight
+        if with_bias:
+            sizes = {"q_proj": cfg.n_heads * cfg.head_dim, "k_proj": cfg.n_kv_heads * cfg.head_dim,
+                     "v_proj": cfg.n_kv_heads * cfg.head_dim, "o_proj": cfg.hidden_size}
+            for proj, size in sizes.items():
+                state.setdefault(prefix + proj + ".bias", torch.zeros(size, dtype=dtype))
+            if bias is not None:
+                state[prefix + "o_proj.bias"] = bias
+    state = {k: t.to("cpu").contiguous() for k, t in state.items()}
+    hf_config = {**cfg.to_hf(), "attention_bias": with_bias, "torch_dtype": str(dtype).removeprefix("torch.")}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for f in tokenizer_files:
+            shutil.copyfile(f, tmp / f.name)
+        if out_dir.exists():  # overwrite: move the old one aside first, delete it once the new one is in place
+            old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,267 @@
+"""LoFiT: localized fine-tuning of per-head attention offsets (Yin, Ye, Durrett; NeurIPS 2024, arXiv 2406.01563).
+
+Every attention head h of layer l carries a scale offset A[l, h] and a bias offset v[l, h] (both
+(head_dim,), model.py's `lofit_A` / `lofit_v`); its output z becomes (1 + A) * z + v. The method:
+
+1. Stage 1 (head selection): freeze the base model, train A for every head with an L1 penalty
+   (setup_stage1, l1_penalty), then rank heads by ||A[l, h]||_2 (rank_heads) and keep the top K
+   (select_heads).
+2. Stage 2 (bias tuning): start again from the base model and train v on the K heads only
+   (setup_stage2); every other head's v stays exactly zero.
+
+The task losses are here too: answer-only cross-entropy (ce_loss) and DPO (dpo_loss) on summed
+answer log-probs (answer_logprobs), with the base model as reference (offsets_disabled). Adapter
+files, merging into o_proj and exporting a merged checkpoint are in adapter.py (re-exported here).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapter import AdapterError, export_merged, load_adapter, merge_offsets, save_adapter  # noqa: F401
+
+
+class HeadScore(NamedTuple):
+    """One head's stage-1 importance: ||A[layer, head]||_2."""
+    layer: int
+    head: int
+    score: float
+
+
+def attentions(model) -> list[nn.Module]:
+    """The attention module of every layer, in layer order."""
+    return [block.self_attn for block in model.layers]
+
+
+# ----------------------------------------------------------------------------------------------
+# The two stages
+
+
+def setup_stage1(model, init_std: float = 1e-3, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+    """Prepare head selection: base frozen, A ~ N(0, init_std) trainable for every head, v = 0 frozen.
+
+    Args:
+        model: A Llama (model.py). Its parameters are changed in place, never replaced, so this
+            also works after the blocks were wrapped (e.g. FSDP2 with the LoFiT parameters ignored).
+        init_std: Standard deviation of A's initialisation (the paper: 1e-3).
+        generator: A CPU generator for A's draws (layer by layer, each (n_heads, head_dim)), so the
+            same seed gives the same A on any device and in every process.
+
+    Returns:
+        The trainable parameters: each layer's lofit_A (n_heads, head_dim), in layer order.
+    """
+    _freeze_base(model)
+    params = []
+    with torch.no_grad():
+        for attn in attentions(model):
+            attn.lofit_A.copy_(_normal(attn.lofit_A.shape, init_std, generator, attn.lofit_A))
+            attn.lofit_v.zero_()
+            attn.lofit_A.requires_grad_(True)
+            params.append(attn.lofit_A)
+    return params
+
+
+def setup_stage2(model, heads, init_std: float = 1e-3, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+    """Prepare bias tuning: base frozen, A = 0 frozen, v ~ N(0, init_std) trainable on `heads` only.
+
+    Each layer's lofit_v (n_heads, head_dim) stays one ordinary parameter; a gradient hook zeroes
+    the rows of heads outside `heads`. With those rows at zero and a zero gradient, AdamW without
+    weight decay (and gradient clipping) never moves them: they stay exactly 0 through any number
+    of steps. The hook lives on the parameter object, so call this after anything that replaces
+    the parameters (Llama.from_pretrained does); moving them with `p.data = ...` keeps it.
+
+    Args:
+        model: A Llama, changed in place.
+        heads: The selected (layer, head) pairs, e.g. select_heads(...); v is drawn in this order,
+            one (head_dim,) row per head, from `generator` (CPU).
+        init_std: Standard deviation of v's initialisation (the paper: 1e-3).
+
+    Returns:
+        The lofit_v parameters of the layers that have a selected head, in layer order.
+
+    Raises:
+        ValueError: `heads` is empty, repeats a head, or names one the model does not have.
+    """
+    heads = check_heads(model, heads)
+    _freeze_base(model)
+    draws = _normal((len(heads), model.config.head_dim), init_std, generator, torch.empty(0))  # (K, hd)
+    params = []
+    with torch.no_grad():
+        for layer, attn in enumerate(attentions(model)):
+            attn.lofit_A.zero_()
+            attn.lofit_v.zero_()
+            rows = [(i, h) for i, (l, h) in enumerate(heads) if l == layer]
+            for i, h in rows:
+                attn.lofit_v[h] = draws[i].to(attn.lofit_v.device, attn.lofit_v.dtype)
+            if rows:
+                _train_rows(attn, [h for _, h in rows])
+                params.append(attn.lofit_v)
+    return params
+
+
+def _freeze_base(model) -> None:
+    """Every parameter frozen; any earlier stage-2 gradient mask removed."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for attn in attentions(model):
+        hook = getattr(attn, "lofit_v_hook", None)
+        if hook is not None:
+            hook.remove()
+        attn.lofit_v_hook, attn.lofit_v_heads = None, None
+
+
+def _train_rows(attn: nn.Module, rows: list[int]) -> None:
+    """Make attn.lofit_v trainable on `rows` only (a hook zeroes the other rows' gradients)."""
+    keep = torch.zeros(attn.n_heads, 1, dtype=torch.bool, device=attn.lofit_v.device)  # (H, 1)
+    keep[rows] = True
+    attn.lofit_v.requires_grad_(True)
+    attn.lofit_v_hook = attn.lofit_v.register_hook(lambda grad: grad.masked_fill(~keep.to(grad.device), 0))
+    attn.lofit_v_heads = sorted(rows)
+
+
+def _normal(shape, std: float, generator, like: torch.Tensor) -> torch.Tensor:
+    """N(0, std) draws made on the CPU in fp32 (reproducible anywhere), cast like `like`."""
+    draws = torch.randn(shape, generator=generator, dtype=torch.float32) * std
+    return draws.to(like.device, like.dtype)
+
+
+def check_heads(model, heads) -> list[tuple[int, int]]:
+    """`heads` as a list of (layer, head) int pairs, or ValueError saying what is wrong with it."""
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    n_layers, n_heads = model.config.n_layers, model.config.n_heads
+    if not heads:
+        raise ValueError("no heads selected: pass at least one (layer, head) pair")
+    bad = [h for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise ValueError(f"heads {bad[:5]} are outside this model ({n_layers} layers x {n_heads} heads)")
+    if len(set(heads)) != len(heads):
+        raise ValueError(f"heads repeat: {sorted(h for h in set(heads) if heads.count(h) > 1)[:5]}")
+    return heads
+
+
+def trainable_count(model) -> int:
+    """Trainable numbers as the paper counts them: L*H*head_dim in stage 1, K*head_dim in stage 2."""
+    masked = {id(a.lofit_v): len(a.lofit_v_heads) * a.head_dim
+              for a in attentions(model) if getattr(a, "lofit_v_heads", None) is not None}
+    return sum(masked.get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+def l1_penalty(model) -> torch.Tensor:
+    """sum |A| over every layer and head: stage 1's sparsity penalty (multiply by lambda)."""
+    return sum(attn.lofit_A.abs().sum() for attn in attentions(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Head selection
+
+
+def rank_heads(model) -> list[HeadScore]:
+    """Every head scored by ||A[l, h]||_2 (over head_dim, in fp32), highest first.
+
+    Ties (e.g. heads whose A is exactly 0) are broken by (layer, head) so the order is reproducible.
+    The original code keeps the top 160; this keeps the full ranking.
+    """
+    scores = [attn.lofit_A.detach().float().norm(dim=-1).cpu() for attn in attentions(model)]  # L x (H,)
+    ranking = [HeadScore(layer, head, float(s)) for layer, row in enumerate(scores) for head, s in enumerate(row)]
+    return sorted(ranking, key=lambda r: (-r.score, r.layer, r.head))
+
+
+def select_heads(ranking, k: int | None = None, k_percent: float | None = None) -> list[tuple[int, int]]:
+    """The first K (layer, head) pairs of a ranking (best first).
+
+    Args:
+        ranking: HeadScore-like (layer, head, score) items, best first, e.g. rank_heads(model).
+        k: How many heads to keep.
+        k_percent: Or a percentage of the heads in `ranking` (rank_heads gives every head); K is
+            rounded down as the original's int(0.1 * L * H), e.g. 10% of Llama-2-7B's 1,024 is 102.
+
+    Raises:
+        ValueError: neither or both of k and k_percent, or a K outside 1..len(ranking).
+    """
+    if (k is None) == (k_percent is None):
+        raise ValueError("give exactly one of k (a number of heads) and k_percent (a percentage of heads)")
+    if k_percent is not None:
+        if not 0 < k_percent <= 100:
+            raise ValueError(f"k_percent must be in (0, 100], got {k_percent}")
+        k = int(k_percent / 100 * len(ranking))
+        if k == 0:
+            raise ValueError(f"{k_percent}% of {len(ranking)} heads is less than one head; use a larger k_percent")
+    if not 1 <= k <= len(ranking):
+        raise ValueError(f"cannot select k={k} heads from a ranking of {len(ranking)}")
+    return [(int(r[0]), int(r[1])) for r in ranking[:k]]
+
+
+@contextlib.contextmanager
+def offsets_disabled(model):
+    """Run `model` as the base model (A and v ignored, values kept), e.g. for DPO's reference.
+
+    Restores each layer's previous lofit_enabled on exit, also after an exception.
+    """
+    before = [attn.lofit_enabled for attn in attentions(model)]
+    for attn in attentions(model):
+        attn.lofit_enabled = False
+    try:
+        yield model
+    finally:
+        for attn, enabled in zip(attentions(model), before):
+            attn.lofit_enabled = enabled
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+def answer_token_logprobs(model, input_ids, attention_mask, loss_mask):
+    """Log-probabilities of the loss tokens, computing logits only where they are needed.
+
+    Token t is predicted at position t - 1, so lm_head runs only on the N positions whose next
+    token has loss_mask True, never on the whole (B, T, vocab).
+
+    Args:
+        input_ids: (B, T) token ids. attention_mask: (B, T), 1 on real tokens. loss_mask: (B, T),
+            True on the tokens whose log-probability counts (loss_mask[:, 0] is never used).
+
+    Returns:
+        (rows, logp): the batch row (N,) of each loss token and its log-probability (N,) in fp32.
+    """
+    hidden = model.hidden_states(input_ids, attention_mask)  # (B, T, D)
+    predicts = loss_mask[:, 1:].bool()  # (B, T-1): position t predicts token t + 1
+    rows, cols = predicts.nonzero(as_tuple=True)  # (N,) each
+    logits = model.lm_head(hidden[rows, cols]).float()  # (N, V)
+    targets = input_ids[rows, cols + 1]  # (N,)
+    return rows, -F.cross_entropy(logits, targets, reduction="none")  # (N,)
+
+
+def answer_logprobs(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    """Summed log-probability (B,) of each row's loss tokens (for DPO: the answer and its EOS), fp32."""
+    rows, logp = answer_token_logprobs(model, input_ids, attention_mask, loss_mask)
+    return torch.zeros(input_ids.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
+
+
+def ce_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over every loss token of the batch (HF's loss with labels = -100 elsewhere).
+
+    Args:
+        batch: input_ids, attention_mask, loss_mask, each (B, T) (data.collate's output).
+
+    Returns:
+        A scalar; 0 (still connected to the graph) if the batch has no loss token.
+    """
+    _, logp = answer_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    return -logp.sum() / max(logp.numel(), 1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.5) -> torch.Tensor:
+    """DPO's sigmoid loss, averaged over pairs (Rafailov et al. 2023; trl 0.8.1 without label smoothing).
+
+    L = -log sigmoid(beta * [(pc - pr) - (rc - rr)]), every argument (P,) of summed answer log-probs
+    of the chosen and rejected answers under the policy and the reference (the base model).
+    """
+    ref_chosen = ref_chosen.to(policy_chosen.device, policy_chosen.dtype)
+    ref_rejected = ref_rejected.to(policy_chosen.device, policy_chosen.dtype)
+    margin = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (P,)
+    return -F.logsigmoid(beta * margin).mean()
