@@ -1,0 +1,309 @@
+"""train.py end to end on the real tiny stories260K model: outputs, adapter, loss, resume, flags.
+
+The runs use a 16-example slice, 2 epochs and a handful of test examples, so each takes seconds.
+The multi-process comparison (torchrun with gloo) is in test_train_distributed.py.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import ROOT, shared_path
+
+import train
+from data import collate, load_examples, tokenize_ce
+from eval import evaluate
+from lofit import load_adapter
+from model import Llama
+from tokenizer import load_tokenizer
+
+TINY = ["--epochs", "2", "--train-size", "16", "--batch-size", "5", "--micro-batch-size", "2",
+        "--limit-eval", "4", "--k", "6", "--lr-a", "0.05", "--lr-v", "0.05", "--l1", "1e-3"]
+
+
+def tiny_args(task, out, *extra):
+    return ["--task", task, "--model", str(shared_path("weights", "stories260K_hf")),
+            "--data-dir", str(shared_path("datasets")), "--out", str(out), *TINY, *extra]
+
+
+def subprocess_env():
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def mquake_run(tmp_path_factory):
+    """One uninterrupted run (both stages + eval) of the CE task MQuAKE; shared by several tests."""
+    out = tmp_path_factory.mktemp("mquake_full")
+    started = time.time()
+    assert train.main(tiny_args("mquake", out)) == 0
+    return out, time.time() - started
+
+
+def adapter_tensors(out):
+    return load_file(str(out / "adapter.safetensors"))
+
+
+def assert_same_adapter(a, b, atol=0.0):
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=atol, msg=name)
+
+
+def training_ce(model, tokenizer, examples) -> float:
+    """Mean answer-token cross-entropy over `examples`, computed from full logits (independent of lofit.py)."""
+    batch = collate([tokenize_ce(tokenizer, ex.prompt, ex.answer) for ex in examples], tokenizer.pad_id)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+    targets = batch["input_ids"][:, 1:]  # token t is predicted at t - 1
+    mask = batch["loss_mask"][:, 1:]
+    return F.cross_entropy(logits[:, :-1][mask], targets[mask]).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full run
+
+
+def test_full_run_writes_every_output(mquake_run):
+    out, seconds = mquake_run
+    assert seconds < 60, f"a tiny full run took {seconds:.0f} s"
+    for name in ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint.pt").exists()  # a finished run keeps no checkpoint
+    assert not list(out.glob("*.tmp"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["flags"]["task"] == "mquake" and config["resolved"]["k"] == 6
+    assert config["resolved"]["lr_a"] == 0.05 and config["world_size"] == 1
+    heads = json.loads((out / "heads.json").read_text())
+    scores = [r["score"] for r in heads["ranking"]]
+    assert len(scores) == 5 * 8 and scores == sorted(scores, reverse=True)
+    assert heads["selected"] == [[r["layer"], r["head"]] for r in heads["ranking"][:6]]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 4 and 0 <= metrics["test"]["accuracy"] <= 1
+    assert len(metrics["train_loss"]["stage1"]) == 2 and len(metrics["train_loss"]["stage2"]) == 2
+    assert len(json.loads((out / "eval_details.json").read_text())) == 4
+
+
+def test_adapter_loads_back_lowers_the_loss_and_reproduces_the_metrics(mquake_run):
+    out, _ = mquake_run
+    weights = shared_path("weights", "stories260K_hf")
+    model, tokenizer = Llama.from_pretrained(str(weights)), load_tokenizer(str(weights))
+    examples = load_examples("mquake", "train", data_dir=shared_path("datasets"), train_size=16, seed=42)
+    base_loss = training_ce(model, tokenizer, examples)
+    load_adapter(out / "adapter.safetensors", model)
+    selected = {tuple(h) for h in json.loads((out / "heads.json").read_text())["selected"]}
+    for layer, block in enumerate(model.layers):
+        assert not block.self_attn.lofit_A.any()  # stage 2 keeps no scale
+        for head in range(8):
+            assert bool(block.self_attn.lofit_v[head].any()) == ((layer, head) in selected)
+    tuned_loss = training_ce(model, tokenizer, examples)
+    assert tuned_loss < base_loss - 0.05, (base_loss, tuned_loss)
+    test = load_examples("mquake", "test", data_dir=shared_path("datasets"))[:4]
+    again = evaluate(model, tokenizer, "mquake", test, progress=False)
+    assert again["summary"] == json.loads((out / "metrics.json").read_text())["test"]
+
+
+def test_stage_one_only_then_stage_two_from_its_heads(tmp_path, mquake_run):
+    """--stage 1 gives the same ranking as a full run; --stage 2 --heads then gives the same adapter."""
+    full, _ = mquake_run
+    assert train.main(tiny_args("mquake", tmp_path / "s1", "--stage", "1")) == 0
+    assert json.loads((tmp_path / "s1" / "heads.json").read_text())["ranking"] == \
+        json.loads((full / "heads.json").read_text())["ranking"]
+    assert "test" not in json.loads((tmp_path / "s1" / "metrics.json").read_text())  # stage 1 alone: no eval
+    assert train.main(tiny_args("mquake", tmp_path / "s2", "--heads", str(tmp_path / "s1" / "heads.json"))) == 0
+    assert_same_adapter(tmp_path / "s2", full)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])  # inside stage 1; inside stage 2
+def test_resume_gives_the_uninterrupted_adapter(tmp_path, mquake_run, stop_after, capsys):
+    full, _ = mquake_run
+    assert train.main(tiny_args("mquake", tmp_path, "--stop-after", str(stop_after))) == 0
+    assert "continue with the same flags and --resume" in capsys.readouterr().out
+    assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / "adapter.safetensors").exists()
+    assert train.main(tiny_args("mquake", tmp_path, "--resume")) == 0
+    assert_same_adapter(tmp_path, full)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads((full / "metrics.json").read_text())
+
+
+def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path, mquake_run):
+    """SIGKILL right after the first checkpoint lands, mid-run, then --resume."""
+    full, _ = mquake_run
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args("mquake", tmp_path)], cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "adapter.safetensors").exists()
+    assert train.main(tiny_args("mquake", tmp_path, "--resume")) == 0
+    assert_same_adapter(tmp_path, full)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad flags and inputs
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "41"], "K = 41 is more than the model's 40 heads"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--k-percent", "150"], "--k-percent must be in (0, 100]"),
+    (["--stage", "2"], "--stage 2 needs --heads FILE"),
+    (["--stage", "1", "--heads", "x.json"], "--heads replaces stage 1"),
+    (["--resume"], "has no checkpoint.pt to continue from"),
+    (["--fold", "1"], "mquake has no fold 1"),
+])
+def test_bad_flags_exit_2_with_a_message(tmp_path, capsys, extra, message):
+    argv = tiny_args("mquake", tmp_path / "out")
+    if "--k-percent" in extra or "--k" in extra:  # replace TINY's --k
+        i = argv.index("--k")
+        del argv[i:i + 2]
+    argv += extra
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_argparse_rejects_unknown_task_and_both_k_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--task", "squad"])
+    assert exc.value.code == 2 and "invalid choice: 'squad'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--task", "mquake", "--k", "3", "--k-percent", "5"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_out_dir_with_another_runs_outputs_needs_overwrite(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert train.main(tiny_args("mquake", tmp_path, "--stop-after", "1")) == 2
+    assert "already holds another run's outputs (metrics.json)" in capsys.readouterr().err
+    assert train.main(tiny_args("mquake", tmp_path, "--stop-after", "1", "--overwrite")) == 0
+    assert not (tmp_path / "metrics.json").exists()  # the old run's file is gone...
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # ...and nothing else was touched
+    assert train.main(tiny_args("mquake", tmp_path, "--resume", "--seed", "1")) == 2
+    assert "used other settings (seed=42)" in capsys.readouterr().err
+
+
+def test_heads_file_for_another_model_is_rejected(tmp_path, capsys):
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps([[0, 1], [31, 7]]))  # layer 31 exists in Llama-2-7B, not in stories260K
+    assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(heads), "--k", "2")) == 2
+    assert "names heads [(31, 7)]" in capsys.readouterr().err
+    heads.write_text("not json")
+    assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(heads))) == 2
+    assert "not a heads.json from train.py" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, batching and the gradient (no training run)
+
+
+class Shape:
+    def __init__(self, model_type, n_layers, n_heads, hidden_size):
+        self.model_type, self.n_layers, self.n_heads, self.hidden_size = model_type, n_layers, n_heads, hidden_size
+
+
+@pytest.mark.parametrize("task, shape, expected", [
+    ("truthfulqa", Shape("llama", 32, 32, 4096), (5e-3, 5e-4, 1e-2, 32)),  # method.md's table
+    ("truthfulqa", Shape("llama", 40, 40, 5120), (1e-3, 1e-3, 2e-2, 48)),
+    ("mquake", Shape("gemma", 28, 16, 3072), (5e-3, 5e-4, 8e-3, 16)),
+    ("clutrr", Shape("llama", 32, 32, 4096), (5e-4, 5e-3, 1e-2, 32)),
+    ("clutrr", Shape("llama", 22, 32, 2048), (5e-4, 5e-3, 1e-2, 21)),  # not in the table: 7B row, 3% of 704
+    ("boolq", Shape("llama", 32, 32, 4096), (5e-3, 1e-3, 1e-2, 102)),  # Table 3 tasks: 10% of heads
+])
+def test_paper_defaults(task, shape, expected):
+    hp = defaults(task, shape)
+    assert (hp.lr_a, hp.l1, hp.lr_v, hp.k) == expected and hp.dtype == "float32"
+
+
+def defaults(task, shape, *flags):
+    args = train.parse_args(["--task", task, *flags])
+    args.device_type = "cpu"  # what validate() records
+    return train.resolve_hparams(args, shape)
+
+
+def test_flags_override_defaults_and_k_percent_rounds():
+    hp = defaults("mquake", Shape("llama", 32, 32, 4096), "--lr-v", "0.1", "--l1", "0", "--k-percent", "5")
+    assert (hp.lr_a, hp.l1, hp.lr_v, hp.k) == (5e-3, 0.0, 0.1, 51)  # 5% of 1024 = 51.2, rounded down
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_batches_cover_each_example_once_whatever_the_world_size(world):
+    batches = train.epoch_batches(16, 5, seed=42, epoch=1)
+    assert batches == train.epoch_batches(16, 5, seed=42, epoch=1)  # same order on every rank
+    assert batches != train.epoch_batches(16, 5, seed=42, epoch=0)  # reshuffled every epoch
+    assert sorted(i for b in batches for i in b) == list(range(16)) and [len(b) for b in batches] == [5, 5, 5, 1]
+    for batch in batches:
+        shares = [train.rank_share(batch, train.Dist(rank, world), micro=2) for rank in range(world)]
+        assert len({len(s) for s in shares}) == 1  # every rank makes the same number of forward passes
+        real = [i for s in shares for chunk, w in s if w == 1.0 for i in chunk]
+        assert real == batch and all(len(chunk) <= 2 for s in shares for chunk, _ in s)
+
+
+@pytest.mark.parametrize("task", ["mquake", "truthfulqa"])
+def test_summed_micro_batch_gradients_equal_the_full_batch_gradient(task):
+    """Any split into ranks and micro-batches sums to the gradient of the global batch's mean loss."""
+    import lofit
+    weights = shared_path("weights", "stories260K_hf")
+    model, tokenizer = Llama.from_pretrained(str(weights)), load_tokenizer(str(weights))
+    examples = load_examples(task, "train", data_dir=shared_path("datasets"), train_size=6, seed=1)
+    data = train.tokenize_training_set(task, examples, tokenizer)
+    if data.loss == "dpo":
+        data.reference = train.reference_logprobs(model, data, 4, "cpu")
+    params = lofit.setup_stage1(model, init_std=0.1, generator=torch.Generator().manual_seed(0))
+    batch = [4, 0, 5, 2, 1]
+
+    def gradient(world, micro):
+        for p in params:
+            p.grad = None
+        for rank in range(world):
+            for chunk, weight in train.rank_share(batch, train.Dist(rank, world), micro):
+                (train.micro_batch_loss(model, data, chunk, data.normaliser(batch), 0.5, "cpu") * weight).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    # The reference: the plain mean loss of the whole batch in one forward pass.
+    for p in params:
+        p.grad = None
+    if data.loss == "ce":
+        full = collate([data.items[i] for i in batch], data.pad_id)
+        lofit.ce_loss(model, full).backward()
+    else:
+        rows = [(data.items[i][f"{s}_input_ids"], data.items[i][f"{s}_loss_mask"])
+                for s in ("chosen", "rejected") for i in batch]
+        full = collate(rows, data.pad_id)
+        logp = lofit.answer_logprobs(model, full["input_ids"], full["attention_mask"], full["loss_mask"])
+        ref = data.reference[batch]
+        lofit.dpo_loss(logp[:5], logp[5:], ref[:, 0], ref[:, 1], beta=0.5).backward()
+    expected = torch.cat([p.grad.flatten() for p in params])
+    assert expected.abs().max() > 0
+    for world, micro in [(1, 5), (1, 2), (2, 1), (3, 2), (8, 1)]:
+        error = (gradient(world, micro) - expected).norm() / expected.norm()
+        assert error < 1e-5, (world, micro, error)  # float summation order only; a wrong scale is >= 0.2
+
+
+def test_heads_picture_is_drawn_or_skipped_with_a_note(mquake_run, tmp_path, capsys):
+    full, _ = mquake_run
+    heads = json.loads((full / "heads.json").read_text())
+    ranking = [(r["layer"], r["head"], r["score"]) for r in heads["ranking"]]
+    config = Shape("llama", 5, 8, 64)
+    train.plot_heads(tmp_path / "heads.png", ranking, [tuple(h) for h in heads["selected"]], config)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in capsys.readouterr().out
+        assert not (tmp_path / "heads.png").exists()
+    else:
+        assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,588 @@
+"""Train LoFiT end to end: stage 1 -> head ranking -> stage 2 -> test-set evaluation -> outputs.
+
+    python train.py --task clutrr --model ../shared/weights/stories260K_hf --out runs/clutrr
+    torchrun --nproc_per_node 8 train.py --task truthfulqa --out runs/tqa     # meta-llama/Llama-2-7b-hf
+
+Stage 1 trains the scale A of every head with an L1 penalty; heads are ranked by ||A||_2. Stage 2
+starts again from the base model and trains the bias v of the top K heads only (method.md). The
+defaults are the paper's per task and model (PAPER_TABLE); every flag overrides one of them.
+
+The number of processes never changes the result:
+- Data order: each epoch is a permutation of the whole training set drawn from a generator seeded
+  with seed + epoch; it is cut into global batches of --batch-size examples.
+- A global batch is split into equal per-rank shares, each run as micro-batches of at most
+  --micro-batch-size. Every micro-batch loss is a SUM divided by the global batch's normaliser
+  (CE: its number of answer tokens; DPO: its number of pairs), so summing gradients over all
+  micro-batches and ranks gives exactly the single-process gradient of the batch mean. A rank with
+  nothing left runs a filler micro-batch with weight 0, so every rank makes the same calls.
+- Gradient sync: the LoFiT parameters are plain, replicated tensors on every rank. After the last
+  micro-batch their gradients are summed with one all_reduce; clipping and AdamW then run on
+  identical numbers everywhere, so the replicas never drift. The frozen base weights are sharded
+  with FSDP2 (fully_shard on every Block, LoFiT parameters left out via ignored_params), which
+  gathers each layer's weights just in time; they have no gradients, so nothing else is reduced.
+  Embeddings, final norm and lm_head stay replicated. This runs on NCCL (GPU) and gloo (CPU).
+- A and v are initialised from a generator seeded with --seed, the same on every rank.
+Only rank 0 writes files and shows progress. Checkpoints after every epoch (atomic) let --resume
+continue a killed run to the same adapter as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
+from eval import evaluate
+from hub import HubError, resolve_model_dir
+from lofit import (AdapterError, HeadScore, answer_logprobs, ce_loss, dpo_loss, l1_penalty, offsets_disabled,
+                   rank_heads, save_adapter, select_heads, setup_stage1, setup_stage2)
+from model import CheckpointError, Llama, read_config
+from tokenizer import TokenizerError, load_tokenizer
+
+OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json",
+                "heads.png", "checkpoint.pt")
+
+# method.md: (stage-1 lr, lambda, stage-2 lr, K) for each task and model of the paper.
+PAPER_TABLE = {
+    ("truthfulqa", "llama-2-7b"): (5e-3, 5e-4, 1e-2, 32), ("truthfulqa", "llama-2-13b"): (1e-3, 1e-3, 2e-2, 48),
+    ("truthfulqa", "gemma-7b"): (5e-3, 5e-4, 2e-2, 16),
+    ("mquake", "llama-2-7b"): (5e-3, 1e-3, 1e-2, 32), ("mquake", "llama-2-13b"): (1e-3, 1e-3, 8e-3, 48),
+    ("mquake", "gemma-7b"): (5e-3, 5e-4, 8e-3, 16),
+    ("clutrr", "llama-2-7b"): (5e-4, 5e-3, 1e-2, 32), ("clutrr", "llama-2-13b"): (1e-3, 1e-3, 1e-2, 48),
+    ("clutrr", "gemma-7b"): (5e-4, 5e-3, 1e-2, 16),
+}
+# The paper's models, recognised by shape: (model_type, layers, heads, hidden size).
+PAPER_MODELS = {("llama", 32, 32, 4096): "llama-2-7b", ("llama", 40, 40, 5120): "llama-2-13b",
+                ("gemma", 28, 16, 3072): "gemma-7b"}
+
+
+class UsageError(ValueError):
+    """A bad flag or a bad combination of flags and files; the message says what to do."""
+
+
+@dataclass
+class Hparams:
+    """The hyperparameters this run uses once the defaults are filled in, and where they came from."""
+    lr_a: float
+    l1: float
+    lr_v: float
+    k: int
+    dtype: str
+    source: str
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: rank, number of processes, and its device."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_hparams(args, config) -> Hparams:
+    """Fill unset flags from the paper's table for (task, model); explain the choice in `source`."""
+    total = config.n_layers * config.n_heads
+    family = PAPER_MODELS.get((config.model_type, config.n_layers, config.n_heads, config.hidden_size))
+    table_task = args.task if args.task in ("truthfulqa", "mquake", "clutrr") else "mquake"
+    lr_a, l1, lr_v, k = PAPER_TABLE[(table_task, family or "llama-2-7b")]
+    source = f"paper table, {args.task} x {family}" if family else \
+        f"{args.task}: model not in the paper's table, so the Llama-2-7B row and K = 3% of {total} heads"
+    if family is None:
+        k = max(1, int(0.03 * total))  # rounded down, as the original's int(0.1 * L * H)
+    if table_task != args.task:  # SIQA / ARC / BoolQ: short-answer CE tasks, 10% of heads (paper Table 3)
+        k = max(1, int(0.10 * total))
+        source = f"{args.task} (not in the paper's table): MQuAKE's row for this model and K = 10% of {total} heads"
+    if args.k is not None:
+        k = args.k
+    elif args.k_percent is not None:
+        k = int(args.k_percent / 100 * total)
+    if k > total:
+        raise UsageError(f"K = {k} is more than the model's {total} heads "
+                         f"({config.n_layers} layers x {config.n_heads}); pass a smaller --k")
+    if k < 1:
+        raise UsageError(f"--k-percent {args.k_percent} of {total} heads is less than one head; pass a larger one")
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device_type == "cuda" else "float32"
+    return Hparams(args.lr_a or lr_a, args.l1 if args.l1 is not None else l1, args.lr_v or lr_v, k, dtype, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="LoFiT: stage 1 (head selection), stage 2 (bias tuning), evaluation.")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory or hub id")
+    p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
+    p.add_argument("--out", help="output directory (default runs/<task>)")
+    p.add_argument("--stage", choices=("1", "2", "both"), help="default: both, or 2 when --heads is given")
+    p.add_argument("--heads", help="heads.json of an earlier run: skip stage 1 and use its ranking")
+    k = p.add_mutually_exclusive_group()
+    k.add_argument("--k", type=int, help="number of heads for stage 2 (default: the paper's)")
+    k.add_argument("--k-percent", type=float, help="K as a percentage of all heads")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=8, help="global batch, over all processes")
+    p.add_argument("--micro-batch-size", type=int, help="per forward pass (default: the whole per-rank share)")
+    p.add_argument("--lr-a", type=float, help="stage-1 learning rate")
+    p.add_argument("--lr-v", type=float, help="stage-2 learning rate")
+    p.add_argument("--l1", type=float, help="stage-1 L1 weight lambda")
+    p.add_argument("--beta", type=float, default=0.5, help="DPO beta (TruthfulQA)")
+    p.add_argument("--init-std", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (0 or 1)")
+    p.add_argument("--train-size", type=int, help="training examples to draw (default: the task's; 0 = all)")
+    p.add_argument("--limit-eval", type=int, help="evaluate on the first N test examples only")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                   help="stop after this many epochs (both stages counted), keeping the checkpoint for --resume")
+    args = p.parse_args(argv)
+    args.out = args.out or f"runs/{args.task}"
+    args.stage = args.stage or ("2" if args.heads else "both")
+    return args
+
+
+def validate(args):
+    """Reject impossible flag values and combinations before anything is loaded."""
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--micro-batch-size": args.micro_batch_size,
+                "--k": args.k, "--lr-a": args.lr_a, "--lr-v": args.lr_v, "--beta": args.beta,
+                "--init-std": args.init_std, "--limit-eval": args.limit_eval,
+                "--eval-batch-size": args.eval_batch_size, "--stop-after": args.stop_after}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if args.k_percent is not None and not 0 < args.k_percent <= 100:
+        raise UsageError(f"--k-percent must be in (0, 100], got {args.k_percent}")
+    if args.l1 is not None and args.l1 < 0 or args.train_size is not None and args.train_size < 0:
+        raise UsageError("--l1 and --train-size cannot be negative")
+    if args.heads and args.stage != "2":
+        raise UsageError("--heads replaces stage 1, so it goes with --stage 2 (the default when --heads is given)")
+    if args.stage == "2" and not args.heads:
+        raise UsageError("--stage 2 needs --heads FILE (a heads.json from a stage-1 run)")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no GPU is visible to PyTorch")
+    args.device_type = "cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available() else "cpu"
+
+
+def check_out_dir(args):
+    """--out must not hold another run's outputs (unless --overwrite); --resume needs a checkpoint."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory")
+    found = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (finished runs keep none)")
+    if found and not args.resume and not args.overwrite:
+        raise UsageError(f"{out} already holds another run's outputs ({', '.join(found)}); pass --overwrite to "
+                         f"replace them, --resume to continue that run, or choose another --out")
+
+
+def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
+    """The ranking in a heads.json (ours), or a plain JSON list of [layer, head] pairs, best first."""
+    try:
+        content = json.loads(Path(path).read_text())
+        rows = content["ranking"] if isinstance(content, dict) else [{"layer": l, "head": h} for l, h in content]
+        ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
+    bad = [(l, h) for l, h, _ in ranking if not (0 <= l < config.n_layers and 0 <= h < config.n_heads)]
+    if bad:
+        raise UsageError(f"--heads {path} names heads {bad[:4]} that this model ({config.n_layers} layers x "
+                         f"{config.n_heads} heads) does not have; was it made for another model?")
+    return ranking
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and model
+
+
+def setup_distributed(args) -> Dist:
+    """Join the torchrun job if there is one: NCCL with one GPU per process, else gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = args.device_type == "cuda"
+    if world == 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Dist(dist.get_rank(), world, device)
+
+
+def load_model(args, d: Dist, dtype: torch.dtype) -> Llama:
+    """The base model; with several processes its blocks' frozen weights are sharded with FSDP2."""
+    if d.world == 1:
+        return Llama.from_pretrained(args.model, dtype=dtype, device=d.device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = Llama.from_pretrained(args.model, dtype=dtype, device="cpu")  # each block moves to d.device as shards
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    lofit_params = {p for name, p in model.named_parameters() if ".lofit_" in name}
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=lofit_params)
+    for p in lofit_params:  # replicated, trained on every rank (see the module docstring)
+        p.data = p.data.to(d.device)
+    for module in (model.embed_tokens, model.norm, model.lm_head):
+        module.to(d.device)
+    model.inv_freq = model.inv_freq.to(d.device)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data and losses
+
+
+@dataclass
+class TrainData:
+    """Tokenized training examples: (ids, loss_mask) pairs for CE, tokenize_dpo dicts for DPO."""
+    loss: str  # "ce" or "dpo"
+    items: list
+    pad_id: int
+    reference: torch.Tensor | None = None  # DPO: (N, 2) base-model log-probs of chosen, rejected
+
+    def normaliser(self, batch: list[int]) -> int:
+        """What a global batch's loss is averaged over: its answer tokens (CE) or its pairs (DPO)."""
+        return sum(sum(self.items[i][1][1:]) for i in batch) if self.loss == "ce" else len(batch)
+
+
+def tokenize_training_set(task, examples, tokenizer) -> TrainData:
+    info = TASK_INFO[task]
+    if info.loss == "ce":
+        items = [tokenize_ce(tokenizer, ex.prompt, ex.answer, max_len=info.max_len) for ex in examples]
+    else:
+        items = [tokenize_dpo(tokenizer, ex.prompt, ex.answer, ex.rejected, max_len=info.max_len,
+                              max_prompt_len=info.max_prompt_len) for ex in examples]
+    return TrainData(info.loss, items, tokenizer.pad_id)
+
+
+def pair_logprobs(model, data: TrainData, chunk: list[int], device) -> torch.Tensor:
+    """(n, 2) summed answer log-probs of the chosen and rejected answers of pairs `chunk`, one forward."""
+    rows = [(data.items[i][f"{side}_input_ids"], data.items[i][f"{side}_loss_mask"])
+            for side in ("chosen", "rejected") for i in chunk]
+    batch = {k: v.to(device) for k, v in collate(rows, data.pad_id).items()}
+    return answer_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).view(2, -1).T
+
+
+@torch.no_grad()
+def reference_logprobs(model, data: TrainData, batch_size: int, device) -> torch.Tensor:
+    """DPO's reference: every pair's log-probs under the base model (LoFiT off), computed once."""
+    with offsets_disabled(model):
+        chunks = [list(range(i, min(i + batch_size, len(data.items)))) for i in range(0, len(data.items), batch_size)]
+        return torch.cat([pair_logprobs(model, data, c, device).float() for c in chunks])  # (N, 2)
+
+
+def micro_batch_loss(model, data: TrainData, chunk: list[int], normaliser: int, beta: float, device):
+    """This micro-batch's share of the global batch's mean loss: its summed loss / the batch normaliser."""
+    if data.loss == "dpo":
+        policy = pair_logprobs(model, data, chunk, device)  # (n, 2)
+        reference = data.reference[chunk]  # (n, 2)
+        per_pair_mean = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=beta)
+        return per_pair_mean * len(chunk) / normaliser
+    batch = {k: v.to(device) for k, v in collate([data.items[i] for i in chunk], data.pad_id).items()}
+    return ce_loss(model, batch) * batch["loss_mask"][:, 1:].sum() / normaliser  # token mean -> token sum
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a permutation seeded with seed + epoch, cut in order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def rank_share(batch: list[int], d: Dist, micro: int) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of a global batch, each with its weight: 1, or 0 for a filler.
+
+    Every rank gets the same number of micro-batches (FSDP needs all ranks in every forward), so a
+    rank whose share is short runs the batch's first example with weight 0.
+    """
+    share = -(-len(batch) // d.world)  # ceil
+    mine = batch[d.rank * share:(d.rank + 1) * share]
+    chunks = [mine[i:i + micro] for i in range(0, share, micro)]
+    return [(chunk, 1.0) if chunk else (batch[:1], 0.0) for chunk in chunks]
+
+
+# ----------------------------------------------------------------------------------------------
+# One stage: epochs of AdamW steps, a checkpoint after each
+
+
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+    args: argparse.Namespace
+    hp: Hparams
+    d: Dist
+    out: Path
+    key: dict  # everything that decides the result; --resume refuses a checkpoint with another key
+    epochs_run: int = 0  # epochs finished by this process, for --stop-after
+
+
+class Stopped(Exception):
+    """--stop-after was reached; the checkpoint holds everything --resume needs."""
+
+
+def log(d: Dist, message: str):
+    if d.main:
+        print(message, flush=True)
+
+
+def sync_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum the LoFiT gradients and the loss over all ranks with one all_reduce; return the summed loss."""
+    if d.world == 1:
+        return loss_sum
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten().float() for p in params] + [loss_sum.view(1)])
+    dist.all_reduce(flat)  # SUM
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+    return flat[-1]
+
+
+def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=None, extra=None) -> list[float]:
+    """Train `params` (A in stage 1, v in stage 2) for --epochs epochs; return each epoch's mean loss.
+
+    AdamW (0.9, 0.999, eps 1e-8, no weight decay), linear decay to 0 without warmup, grad-norm
+    clip 1.0: HF Trainer's defaults, which the original used. `resume` is a checkpoint of this
+    stage; `extra` (primitives) is stored in every checkpoint, e.g. the stage-1 ranking.
+    """
+    args, d = run.args, run.d
+    lr, l1 = (run.hp.lr_a, run.hp.l1) if stage == 1 else (run.hp.lr_v, 0.0)
+    total_steps = -(-len(data.items) // args.batch_size) * args.epochs
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total_steps - step) / total_steps))
+    named = {name: p for name, p in model.named_parameters() if any(p is q for q in params)}
+    history, start = [], 0
+    if resume is not None:  # continue exactly where the checkpoint left off
+        with torch.no_grad():
+            for name, p in named.items():
+                p.copy_(resume["params"][name])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        history, start = list(resume["history"]), resume["epoch"]
+    micro = args.micro_batch_size or -(-args.batch_size // d.world)
+    for epoch in range(start, args.epochs):
+        began, losses = time.time(), []
+        bar = tqdm(epoch_batches(len(data.items), args.batch_size, args.seed, epoch), disable=not d.main,
+                   desc=f"stage {stage} epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+        for batch in bar:
+            normaliser = data.normaliser(batch)
+            loss_sum = torch.zeros((), device=d.device)
+            for i, (chunk, weight) in enumerate(rank_share(batch, d, micro)):
+                loss = micro_batch_loss(model, data, chunk, normaliser, args.beta, d.device) * weight
+                if l1 and d.main and i == 0:  # the L1 penalty counts once per global batch
+                    loss = loss + l1 * l1_penalty(model)
+                loss.backward()
+                loss_sum += loss.detach().float()
+            losses.append(sync_gradients(params, loss_sum, d).item())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        history.append(sum(losses) / len(losses))
+        log(d, f"stage {stage} epoch {epoch + 1}/{args.epochs}: mean loss {history[-1]:.4f}, "
+               f"{time.time() - began:.1f} s")
+        if d.main:
+            state = {"key": run.key, "stage": stage, "epoch": epoch + 1, "history": history, "extra": extra or {},
+                     "params": {name: p.detach().cpu() for name, p in named.items()},
+                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+            write_atomically(run.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        run.epochs_run += 1
+        if args.stop_after and run.epochs_run >= args.stop_after:
+            raise Stopped
+    return history
+
+
+def load_checkpoint(out: Path, key: dict) -> dict:
+    """The checkpoint of the run in `out`, after checking it belongs to a run with these settings."""
+    try:
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{out / 'checkpoint.pt'} cannot be read ({e}); start again with --overwrite") from None
+    differ = sorted(k for k in set(key) | set(state["key"]) if key.get(k) != state["key"].get(k))
+    if differ:
+        had = ", ".join(f"{k}={state['key'].get(k)!r}" for k in differ)
+        raise UsageError(f"--resume: the run in {out} used other settings ({had}); "
+                         f"pass the same flags, or start again with --overwrite")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs (rank 0 only; every file is written to a temporary name, then renamed)
+
+
+def write_atomically(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def plot_heads(path: Path, ranking, selected, config):
+    """A layers x heads heatmap of the stage-1 scores ||A||_2, the K selected heads outlined."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, so {path.name} was not drawn (pip install matplotlib)")
+        return
+    if any(score is None for _, _, score in ranking):
+        print(f"note: the --heads file has no scores, so {path.name} was not drawn")
+        return
+    grid = torch.zeros(config.n_layers, config.n_heads)  # (L, H)
+    for layer, head, score in ranking:
+        grid[layer, head] = score
+    fig, ax = plt.subplots(figsize=(2 + 0.22 * config.n_heads, 1.5 + 0.18 * config.n_layers))
+    image = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis")
+    ax.scatter([h for _, h in selected], [l for l, _ in selected], marker="s", s=40, facecolors="none",
+               edgecolors="red", linewidths=1.2, label=f"selected (K = {len(selected)})")
+    ax.set(xlabel="head", ylabel="layer", title="stage-1 score ||A||_2 per head")
+    ax.legend(loc="upper right", fontsize="small")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_heads(run: Run, ranking, selected, config, source: str):
+    write_json(run.out / "heads.json", {
+        "task": run.args.task, "model": run.args.model, "source": source, "n_layers": config.n_layers,
+        "n_heads": config.n_heads, "k": len(selected), "selected": [list(h) for h in selected],
+        "ranking": [{"layer": l, "head": h, "score": s} for l, h, s in ranking]})
+    plot_heads(run.out / "heads.png", ranking, selected, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def run_pipeline(args, d: Dist) -> int:
+    """Everything after the flags are valid: check files, load, train, select, train, evaluate, write."""
+    started = time.time()
+    check_out_dir(args)
+    model_dir = resolve_model_dir(args.model)
+    config = read_config(model_dir)
+    hp = resolve_hparams(args, config)
+    given = read_heads_file(args.heads, config) if args.heads else None
+    if given is not None and hp.k > len(given):
+        raise UsageError(f"K = {hp.k} but --heads {args.heads} ranks only {len(given)} heads; pass a smaller --k")
+    control = {"out", "overwrite", "resume", "stop_after", "micro_batch_size", "limit_eval", "eval_batch_size",
+               "device", "device_type"}
+    key = {**{k: v for k, v in vars(args).items() if k not in control},
+           **{k: v for k, v in asdict(hp).items() if k != "source"}}
+    out = Path(args.out)
+    resume = load_checkpoint(out, key) if args.resume else None
+    record = {"flags": vars(args), "resolved": asdict(hp), "world_size": d.world, "device": str(d.device),
+              "model_dir": str(model_dir), "versions": {"python": platform.python_version(),
+                                                        "torch": torch.__version__}}
+    tokenizer = load_tokenizer(args.model)
+    examples = load_examples(args.task, "train", fold=args.fold, data_dir=args.data_dir,
+                             train_size=args.train_size, seed=args.seed)
+    test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit_eval]
+    data = tokenize_training_set(args.task, examples, tokenizer)
+    log(d, "LoFiT " + json.dumps({**vars(args), **asdict(hp), "world_size": d.world}, indent=1))
+    if d.world > 1:
+        dist.barrier()  # every rank has checked --out before rank 0 touches it
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES if args.overwrite else ():
+            (out / name).unlink(missing_ok=True)
+        write_json(out / "config.json", record)
+
+    model = load_model(args, d, getattr(torch, hp.dtype))
+    if data.loss == "dpo":
+        data.reference = reference_logprobs(model, data, args.eval_batch_size, d.device)
+    run = Run(args, hp, d, out, key)
+    log(d, f"{len(examples)} training examples, {len(test)} test examples; loss {data.loss}")
+
+    metrics = {"train_loss": {}}
+    try:
+        if args.stage != "2" and not (resume and resume["stage"] == 2):
+            params = setup_stage1(model, init_std=args.init_std, generator=torch.Generator().manual_seed(args.seed))
+            metrics["train_loss"]["stage1"] = train_stage(run, 1, model, params, data, resume)
+            ranking = [(h.layer, h.head, float(h.score)) for h in rank_heads(model)]
+            source = "stage 1 of this run"
+        elif resume is not None:
+            ranking, source = [tuple(r) for r in resume["extra"]["ranking"]], resume["extra"]["source"]
+            metrics["train_loss"].update(resume["extra"]["train_loss"])
+        else:
+            ranking, source = given, f"--heads {args.heads}"
+        selected = select_heads([HeadScore(*r) for r in ranking], k=hp.k)
+        if d.main:
+            write_heads(run, ranking, selected, config, source)
+        if args.stage == "1":
+            return finish(run, model, selected, metrics, record, started, stage=1)
+        params = setup_stage2(model, selected, init_std=args.init_std,
+                              generator=torch.Generator().manual_seed(args.seed))
+        extra = {"ranking": [list(r) for r in ranking], "source": source, "train_loss": metrics["train_loss"]}
+        metrics["train_loss"]["stage2"] = train_stage(run, 2, model, params, data,
+                                                      resume if resume and resume["stage"] == 2 else None, extra)
+    except Stopped:
+        log(d, f"stopped after {run.epochs_run} epoch(s) as asked (--stop-after); "
+               f"continue with the same flags and --resume")
+        return 0
+    result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size, progress=d.main)
+    metrics["test"] = result["summary"]
+    log(d, "test: " + json.dumps(result["summary"]))
+    if d.main:
+        write_json(out / "eval_details.json", result["details"])
+    return finish(run, model, selected, metrics, record, started, stage=2)
+
+
+def finish(run: Run, model, selected, metrics, record, started, stage: int) -> int:
+    """Write the adapter, metrics and final config record; drop the checkpoint (the run is complete)."""
+    if run.d.main:
+        hparams = {"lr": run.hp.lr_a if stage == 1 else run.hp.lr_v, "l1": run.hp.l1, "k": run.hp.k,
+                   "epochs": run.args.epochs, "batch_size": run.args.batch_size, "seed": run.args.seed}
+        save_adapter(run.out / "adapter.safetensors", model, None if stage == 1 else selected,
+                     stage=stage, task=run.args.task, hparams=hparams)  # stage 1: every head's A
+        write_json(run.out / "metrics.json", metrics)
+        write_json(run.out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
+        (run.out / "checkpoint.pt").unlink(missing_ok=True)
+        print(f"outputs in {run.out}: " + ", ".join(n for n in OUTPUT_FILES if (run.out / n).exists()))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        validate(args)
+        d = setup_distributed(args)
+        try:
+            return run_pipeline(args, d)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except (UsageError, DataError, HubError, CheckpointError, TokenizerError, AdapterError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
