@@ -44,7 +44,7 @@ from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_c
 from eval import evaluate
 from hub import HubError, resolve_model_dir
 from lofit import (AdapterError, HeadScore, answer_logprobs, ce_loss, dpo_loss, l1_penalty, offsets_disabled,
-                   rank_heads, save_adapter, select_heads, setup_stage1, setup_stage2)
+                   rank_heads, save_adapter, select_heads, setup_stage1, setup_stage2, trainable_count)
 from model import CheckpointError, Llama, read_config
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -92,7 +92,7 @@ class Dist:
         return self.rank == 0
 
 
-def resolve_hparams(args, config) -> Hparams:
+def resolve_hparams(args, config, device_type: str) -> Hparams:
     """Fill unset flags from the paper's table for (task, model); explain the choice in `source`."""
     total = config.n_layers * config.n_heads
     family = PAPER_MODELS.get((config.model_type, config.n_layers, config.n_heads, config.hidden_size))
@@ -114,7 +114,7 @@ def resolve_hparams(args, config) -> Hparams:
                          f"({config.n_layers} layers x {config.n_heads}); pass a smaller --k")
     if k < 1:
         raise UsageError(f"--k-percent {args.k_percent} of {total} heads is less than one head; pass a larger one")
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device_type == "cuda" else "float32"
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device_type == "cuda" else "float32"
     return Hparams(args.lr_a or lr_a, args.l1 if args.l1 is not None else l1, args.lr_v or lr_v, k, dtype, source)
 
 
@@ -180,7 +180,6 @@ def validate(args):
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no GPU is visible to PyTorch")
-    args.device_type = "cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 def check_out_dir(args):
@@ -218,7 +217,7 @@ def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
 def setup_distributed(args) -> Dist:
     """Join the torchrun job if there is one: NCCL with one GPU per process, else gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = args.device_type == "cuda"
+    cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
     if world == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
@@ -447,6 +446,7 @@ def plot_heads(path: Path, ranking, selected, config):
     try:
         import matplotlib
         matplotlib.use("Agg")
+        import matplotlib.patches
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"note: matplotlib is not installed, so {path.name} was not drawn (pip install matplotlib)")
@@ -457,12 +457,11 @@ def plot_heads(path: Path, ranking, selected, config):
     grid = torch.zeros(config.n_layers, config.n_heads)  # (L, H)
     for layer, head, score in ranking:
         grid[layer, head] = score
-    fig, ax = plt.subplots(figsize=(2 + 0.22 * config.n_heads, 1.5 + 0.18 * config.n_layers))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.2 * config.n_heads), max(3.0, 1.2 + 0.15 * config.n_layers)))
     image = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis")
-    ax.scatter([h for _, h in selected], [l for l, _ in selected], marker="s", s=40, facecolors="none",
-               edgecolors="red", linewidths=1.2, label=f"selected (K = {len(selected)})")
-    ax.set(xlabel="head", ylabel="layer", title="stage-1 score ||A||_2 per head")
-    ax.legend(loc="upper right", fontsize="small")
+    for layer, head in selected:
+        ax.add_patch(matplotlib.patches.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    ax.set(xlabel="head", ylabel="layer", title=f"stage-1 ||A||_2 per head\nK = {len(selected)} selected (red)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -487,12 +486,12 @@ def run_pipeline(args, d: Dist) -> int:
     check_out_dir(args)
     model_dir = resolve_model_dir(args.model)
     config = read_config(model_dir)
-    hp = resolve_hparams(args, config)
+    hp = resolve_hparams(args, config, d.device.type)
     given = read_heads_file(args.heads, config) if args.heads else None
     if given is not None and hp.k > len(given):
         raise UsageError(f"K = {hp.k} but --heads {args.heads} ranks only {len(given)} heads; pass a smaller --k")
     control = {"out", "overwrite", "resume", "stop_after", "micro_batch_size", "limit_eval", "eval_batch_size",
-               "device", "device_type"}
+               "device"}
     key = {**{k: v for k, v in vars(args).items() if k not in control},
            **{k: v for k, v in asdict(hp).items() if k != "source"}}
     out = Path(args.out)
@@ -539,6 +538,7 @@ def run_pipeline(args, d: Dist) -> int:
             return finish(run, model, selected, metrics, record, started, stage=1)
         params = setup_stage2(model, selected, init_std=args.init_std,
                               generator=torch.Generator().manual_seed(args.seed))
+        metrics["trainable_parameters"] = trainable_count(model)  # K x head_dim
         extra = {"ranking": [list(r) for r in ranking], "source": source, "train_loss": metrics["train_loss"]}
         metrics["train_loss"]["stage2"] = train_stage(run, 2, model, params, data,
                                                       resume if resume and resume["stage"] == 2 else None, extra)

@@ -46,6 +46,14 @@ def mquake_run(tmp_path_factory):
     return out, time.time() - started
 
 
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def adapter_tensors(out):
     return load_file(str(out / "adapter.safetensors"))
 
@@ -77,6 +85,7 @@ def test_full_run_writes_every_output(mquake_run):
     for name in ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps no checkpoint
+    assert (out / "heads.png").is_file() == has_matplotlib()
     assert not list(out.glob("*.tmp"))
     config = json.loads((out / "config.json").read_text())
     assert config["flags"]["task"] == "mquake" and config["resolved"]["k"] == 6
@@ -230,9 +239,7 @@ def test_paper_defaults(task, shape, expected):
 
 
 def defaults(task, shape, *flags):
-    args = train.parse_args(["--task", task, *flags])
-    args.device_type = "cpu"  # what validate() records
-    return train.resolve_hparams(args, shape)
+    return train.resolve_hparams(train.parse_args(["--task", task, *flags]), shape, device_type="cpu")
 
 
 def test_flags_override_defaults_and_k_percent_rounds():
@@ -300,10 +307,8 @@ def test_heads_picture_is_drawn_or_skipped_with_a_note(mquake_run, tmp_path, cap
     ranking = [(r["layer"], r["head"], r["score"]) for r in heads["ranking"]]
     config = Shape("llama", 5, 8, 64)
     train.plot_heads(tmp_path / "heads.png", ranking, [tuple(h) for h in heads["selected"]], config)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if has_matplotlib():
+        assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
         assert "matplotlib is not installed" in capsys.readouterr().out
         assert not (tmp_path / "heads.png").exists()
-    else:
-        assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
