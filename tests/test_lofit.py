@@ -386,3 +386,12 @@ def test_dpo_reference_from_the_same_model_with_offsets_off(checkpoint):
     loss = lofit.dpo_loss(policy[:1], policy[1:2], ref[:1], ref[1:2])
     loss.backward()
     assert all(a.lofit_v.grad is not None for a in lofit.attentions(model))
+
+
+def test_ce_loss_without_loss_tokens_is_zero_and_differentiable(checkpoint):
+    model = Llama.from_pretrained(checkpoint)
+    params = lofit.setup_stage1(model, generator=gen(0))
+    batch = {**ce_batch(), "loss_mask": torch.zeros(3, 12, dtype=torch.bool)}
+    loss = lofit.ce_loss(model, batch)
+    loss.backward()
+    assert loss.item() == 0.0 and all(not p.grad.any() for p in params)
