@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
+# The test models are tiny: one thread is faster than paying for thread hand-offs on every op.
+torch.set_num_threads(1)
+
 
 def shared_path(*parts: str) -> Path:
     """Path under ../shared, or skip the test (with the reason) when it is absent."""
