@@ -60,9 +60,9 @@ PAPER_TABLE = {
     ("clutrr", "llama-2-7b"): (5e-4, 5e-3, 1e-2, 32), ("clutrr", "llama-2-13b"): (1e-3, 1e-3, 1e-2, 48),
     ("clutrr", "gemma-7b"): (5e-4, 5e-3, 1e-2, 16),
 }
-# The paper's models, recognised by shape: (model_type, layers, heads, hidden size).
-PAPER_MODELS = {("llama", 32, 32, 4096): "llama-2-7b", ("llama", 40, 40, 5120): "llama-2-13b",
-                ("gemma", 28, 16, 3072): "gemma-7b"}
+# The paper's models, recognised by shape: (model_type, layers, heads, kv heads, hidden size).
+PAPER_MODELS = {("llama", 32, 32, 32, 4096): "llama-2-7b", ("llama", 40, 40, 40, 5120): "llama-2-13b",
+                ("gemma", 28, 16, 16, 3072): "gemma-7b"}
 
 
 class UsageError(ValueError):
@@ -95,7 +95,8 @@ class Dist:
 def resolve_hparams(args, config, device_type: str) -> Hparams:
     """Fill unset flags from the paper's table for (task, model); explain the choice in `source`."""
     total = config.n_layers * config.n_heads
-    family = PAPER_MODELS.get((config.model_type, config.n_layers, config.n_heads, config.hidden_size))
+    family = PAPER_MODELS.get((config.model_type, config.n_layers, config.n_heads, config.n_kv_heads,
+                               config.hidden_size))
     table_task = args.task if args.task in ("truthfulqa", "mquake", "clutrr") else "mquake"
     lr_a, l1, lr_v, k = PAPER_TABLE[(table_task, family or "llama-2-7b")]
     source = f"paper table, {args.task} x {family}" if family else \

@@ -221,8 +221,9 @@ def test_heads_file_for_another_model_is_rejected(tmp_path, capsys):
 
 
 class Shape:
-    def __init__(self, model_type, n_layers, n_heads, hidden_size):
+    def __init__(self, model_type, n_layers, n_heads, hidden_size, n_kv_heads=None):
         self.model_type, self.n_layers, self.n_heads, self.hidden_size = model_type, n_layers, n_heads, hidden_size
+        self.n_kv_heads = n_kv_heads or n_heads
 
 
 @pytest.mark.parametrize("task, shape, expected", [
@@ -231,6 +232,7 @@ class Shape:
     ("mquake", Shape("gemma", 28, 16, 3072), (5e-3, 5e-4, 8e-3, 16)),
     ("clutrr", Shape("llama", 32, 32, 4096), (5e-4, 5e-3, 1e-2, 32)),
     ("clutrr", Shape("llama", 22, 32, 2048), (5e-4, 5e-3, 1e-2, 21)),  # not in the table: 7B row, 3% of 704
+    ("mquake", Shape("llama", 32, 32, 4096, n_kv_heads=8), (5e-3, 1e-3, 1e-2, 30)),  # Mistral-7B: 3% of 1024
     ("boolq", Shape("llama", 32, 32, 4096), (5e-3, 1e-3, 1e-2, 102)),  # Table 3 tasks: 10% of heads
 ])
 def test_paper_defaults(task, shape, expected):
