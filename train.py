@@ -20,8 +20,11 @@ The number of processes never changes the result:
   identical numbers everywhere, so the replicas never drift. The frozen base weights are sharded
   with FSDP2 (fully_shard on every Block, LoFiT parameters left out via ignored_params), which
   gathers each layer's weights just in time; they have no gradients, so nothing else is reduced.
-  Embeddings, final norm and lm_head stay replicated. This runs on NCCL (GPU) and gloo (CPU).
+  Embeddings, final norm and lm_head stay replicated (losses and evaluation call model.hidden_states
+  and model.lm_head directly, outside any wrapped forward). This runs on NCCL (GPU) and gloo (CPU).
 - A and v are initialised from a generator seeded with --seed, the same on every rank.
+The DPO reference pass and the evaluation run on every rank over all examples: under FSDP every
+rank must join every forward pass, and generation lengths depend on the examples.
 Only rank 0 writes files and shows progress. Checkpoints after every epoch (atomic) let --resume
 continue a killed run to the same adapter as an uninterrupted one.
 """
@@ -229,21 +232,28 @@ def setup_distributed(args) -> Dist:
 
 
 def load_model(args, d: Dist, dtype: torch.dtype) -> Llama:
-    """The base model; with several processes its blocks' frozen weights are sharded with FSDP2."""
+    """The base model; with several processes its blocks' frozen weights are sharded with FSDP2.
+
+    Each rank reads the checkpoint into CPU memory and keeps only its shards (on its device), one
+    rank at a time, so host memory never holds more than one full copy.
+    """
     if d.world == 1:
         return Llama.from_pretrained(args.model, dtype=dtype, device=d.device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    model = Llama.from_pretrained(args.model, dtype=dtype, device="cpu")  # each block moves to d.device as shards
     mesh = init_device_mesh(d.device.type, (d.world,))
-    lofit_params = {p for name, p in model.named_parameters() if ".lofit_" in name}
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, ignored_params=lofit_params)
-    for p in lofit_params:  # replicated, trained on every rank (see the module docstring)
-        p.data = p.data.to(d.device)
-    for module in (model.embed_tokens, model.norm, model.lm_head):
-        module.to(d.device)
-    model.inv_freq = model.inv_freq.to(d.device)
+    for turn in range(d.world):
+        if turn == d.rank:
+            model = Llama.from_pretrained(args.model, dtype=dtype, device="cpu")
+            lofit_params = {p for name, p in model.named_parameters() if ".lofit_" in name}
+            for block in model.layers:  # moves the block to d.device, keeps this rank's shard
+                fully_shard(block, mesh=mesh, ignored_params=lofit_params)
+            for p in lofit_params:  # replicated and trained on every rank (see the module docstring)
+                p.data = p.data.to(d.device)
+            for module in (model.embed_tokens, model.norm, model.lm_head):  # replicated too
+                module.to(d.device)
+            model.inv_freq = model.inv_freq.to(d.device)
+        dist.barrier()
     return model
 
 
