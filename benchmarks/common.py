@@ -1,0 +1,199 @@
+"""What every benchmark shares: the models compared, timing, peak memory, and the result record.
+
+Both sides of every comparison load the SAME checkpoint: a random transformers LlamaForCausalLM
+saved once to a temporary directory (or the real stories260K), read by our `Llama.from_pretrained`
+and by transformers' `LlamaForCausalLM.from_pretrained`. Timings alternate the sides round by
+round (A B C, B C A, ...) so load from other processes on a shared machine hits both alike, and
+each reported number is the median over rounds.
+
+Peak memory is what one step allocates on top of what was live before it, as counted by
+PyTorch's own allocator: on CUDA `torch.cuda.max_memory_allocated`; on CPU the allocation and
+free events that `torch.profiler` records with `profile_memory=True` (the running sum of their
+sizes, in time order, then its maximum). Memory that libraries allocate outside PyTorch's
+allocator (e.g. oneDNN scratch buffers) is not counted, on either side.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+STORIES_DIR = SHARED / "weights" / "stories260K_hf"
+LLAMA2_TOKENIZER = SHARED / "weights" / "llama2_tokenizer" / "tokenizer.model"
+DATASETS_DIR = SHARED / "datasets"
+
+from model import Llama  # noqa: E402  (after the sys.path line above)
+
+
+@dataclass
+class ModelSpec:
+    """One model both sides load.
+
+    Attributes:
+        name: Short label for tables ("stories260K", "medium", "7B").
+        path: An existing HF checkpoint directory, or None to build a random one from `hf_config`.
+        hf_config: transformers LlamaConfig keyword arguments for a random checkpoint.
+        tokenizer: tokenizer.model to place beside a random checkpoint (None: the checkpoint's own).
+    """
+    name: str
+    path: Path | None = None
+    hf_config: dict = field(default_factory=dict)
+    tokenizer: Path | None = LLAMA2_TOKENIZER
+
+
+STORIES = ModelSpec("stories260K", path=STORIES_DIR)
+# The issue's "medium" model: 12 layers, hidden 768, 12 heads, the Llama-2 vocabulary (32,000).
+MEDIUM = ModelSpec("medium", hf_config=dict(
+    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+    num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2))
+SPECS = {spec.name: spec for spec in (STORIES, MEDIUM)}
+
+
+def checkpoint_dir(spec: ModelSpec, workdir: Path, seed: int = 0) -> Path:
+    """The checkpoint directory of `spec`: the real one, or a random one saved by transformers."""
+    if spec.path is not None:
+        if not (Path(spec.path) / "config.json").is_file():
+            raise SystemExit(f"{spec.path} is missing: the {spec.name} benchmarks need ../shared/weights")
+        return Path(spec.path)
+    directory = Path(workdir) / spec.name
+    if not (directory / "config.json").is_file():
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(**spec.hf_config)).save_pretrained(directory)
+        if spec.tokenizer is not None and Path(spec.tokenizer).is_file():
+            os.symlink(Path(spec.tokenizer).resolve(), directory / "tokenizer.model")
+    return directory
+
+
+def load_ours(directory: Path, dtype=torch.float32, device="cpu") -> Llama:
+    return Llama.from_pretrained(str(directory), dtype=dtype, device=device)
+
+
+def load_hf(directory: Path, dtype=torch.float32, device="cpu"):
+    """transformers' LlamaForCausalLM with SDPA attention (its fastest stock CPU/GPU path)."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def new_workdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="lofit-bench-")
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved_times(fns: dict, repeats: int, device="cpu", clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds each function in `fns` takes, over `repeats` rounds, the order rotating per round.
+
+    clock "wall" is elapsed time; "cpu" is this process's CPU time (all its threads), which other
+    processes' load on a shared machine does not inflate (use it with --threads 1; GPU work is not
+    counted by it).
+    """
+    now = CLOCKS[clock]
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            start = now()
+            fns[name]()
+            synchronize(device)
+            times[name].append(now() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+def peak_memory(fn, device="cpu") -> int:
+    """Bytes that running `fn()` allocates at its peak, above what was allocated before it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def tensor_bytes(tensors) -> int:
+    """Total bytes of distinct tensor storages (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Row:
+    """One line of the results table: a throughput (higher is better) or a memory (lower is better).
+
+    `ratio` is ours / baseline in both cases. `target` applies to that ratio (>= for throughput,
+    <= for memory), or with `absolute` to ours itself (e.g. MFU >= 0.40).
+    """
+    section: str
+    config: str
+    metric: str
+    baseline: float
+    ours: float
+    unit: str
+    higher_is_better: bool = True
+    target: float | None = None
+    absolute: bool = False
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline if self.baseline else float("nan")
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        value = self.ours if self.absolute else self.ratio
+        return value >= self.target if self.higher_is_better else value <= self.target
