@@ -328,15 +328,12 @@ def run(args) -> dict:
 
 
 def load_adapter_or_fail(path: str, model: Llama) -> None:
-    """Put an adapter's offsets into `model` (replacing any earlier ones), or raise UsageError."""
-    import lofit
-    with torch.no_grad():
-        for block in model.layers:  # start from the base model, so adapters never stack
-            block.self_attn.lofit_A.zero_()
-            block.self_attn.lofit_v.zero_()
+    """Set `model`'s offsets to an adapter's (heads it lacks get 0, so adapters never stack),
+    or raise UsageError when the file is not an adapter or was made for another architecture."""
+    from lofit import AdapterError, load_adapter
     try:
-        lofit.load_adapter(path, model)
-    except lofit.AdapterError as err:
+        load_adapter(path, model)
+    except AdapterError as err:
         raise UsageError(str(err)) from None
 
 
