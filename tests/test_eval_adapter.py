@@ -17,15 +17,6 @@ from model import Llama
 HEADS = [(0, 1), (1, 5), (2, 0), (3, 3), (4, 7)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and far faster than two on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(base model dir, adapter file, merged checkpoint dir, data dir)."""

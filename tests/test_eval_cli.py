@@ -2,19 +2,9 @@
 import json
 
 import pytest
-import torch
 
 import eval as evaluation
 from conftest import shared_path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and far faster than two on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

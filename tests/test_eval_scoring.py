@@ -17,15 +17,6 @@ from tokenizer import load_tokenizer
 N_QUESTIONS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and far faster than two on busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def stories():
     directory = shared_path("weights", "stories260K_hf")
