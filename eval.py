@@ -275,6 +275,8 @@ def check_args(args) -> list[int]:
             raise UsageError(f"adapter file {path} does not exist")
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be a positive number of examples")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
     if args.out is not None and not args.out.parent.resolve().is_dir():
         raise UsageError(f"output directory {args.out.parent} does not exist; create it first")
     return folds
@@ -300,6 +302,8 @@ def run(args) -> dict:
 
     folds = check_args(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     try:
@@ -312,7 +316,7 @@ def run(args) -> dict:
     summaries, details = [], []
     for k, fold in enumerate(folds):
         if args.adapter:
-            load_adapter_or_fail(args.adapter[k], model)
+            load_adapter_or_fail(args.adapter[k], model, args.task, fold)
         result = evaluate(model, tokenizer, args.task, examples[k], batch_size=args.batch_size,
                           progress=not args.quiet, prefix_cache=not args.no_prefix_cache)
         if args.task == "truthfulqa":
@@ -327,14 +331,23 @@ def run(args) -> dict:
     return {"config": config, "summary": summary, "details": details}
 
 
-def load_adapter_or_fail(path: str, model: Llama) -> None:
-    """Set `model`'s offsets to an adapter's (heads it lacks get 0, so adapters never stack),
-    or raise UsageError when the file is not an adapter or was made for another architecture."""
+def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int) -> None:
+    """Set `model`'s offsets to an adapter's (heads it lacks get 0, so adapters never stack).
+
+    Raises UsageError when the file is not an adapter, was made for another architecture, or was
+    trained on the other TruthfulQA fold (whose training questions are this fold's test set).
+    """
     from lofit import AdapterError, load_adapter
     try:
-        load_adapter(path, model)
+        meta = load_adapter(path, model)
     except AdapterError as err:
         raise UsageError(str(err)) from None
+    trained_fold = meta.get("hparams", {}).get("fold")
+    if task == "truthfulqa" and trained_fold is not None and int(trained_fold) != fold:
+        raise UsageError(f"adapter {path} was trained on TruthfulQA fold {trained_fold}; evaluating it on "
+                         f"fold {fold}'s test set would test on its training questions. Pass --fold {trained_fold}")
+    if meta.get("task") and meta["task"] != task:
+        print(f"warning: adapter {path} was trained on {meta['task']}, evaluated here on {task}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -91,3 +91,16 @@ def test_a_file_that_is_not_an_adapter_exits_2(exported, tmp_path, capsys):
     assert evaluation.main(["--task", "clutrr", "--model", base_dir, "--data-dir", data, "--quiet",
                             "--adapter", str(bogus)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_adapter_of_the_other_truthfulqa_fold_exits_2(exported, tmp_path, capsys):
+    """Fold 1's test questions are fold 0's training questions: refuse that pairing."""
+    base_dir, _, _, data = exported
+    model = Llama.from_pretrained(base_dir)
+    model.layers[0].self_attn.lofit_v.data[0] = 1.0
+    fold1 = tmp_path / "fold1.safetensors"
+    save_adapter(fold1, model, [(0, 0)], stage=2, task="truthfulqa", hparams={"fold": 1})
+    argv = ["--task", "truthfulqa", "--model", base_dir, "--data-dir", data, "--quiet", "--limit", "1"]
+    assert evaluation.main(argv + ["--adapter", str(fold1)]) == 2
+    assert "trained on TruthfulQA fold 1" in capsys.readouterr().err
+    assert evaluation.main(argv + ["--fold", "1", "--adapter", str(fold1)]) == 0

@@ -57,6 +57,7 @@ def test_generation_task_results_json(paths, tmp_path):
     (["--task", "clutrr", "--adapter", "/nonexistent/adapter.safetensors"], "does not exist"),
     (["--task", "truthfulqa", "--fold", "both", "--adapter", __file__], "one --adapter per fold"),
     (["--task", "clutrr", "--limit", "0"], "--limit must be a positive"),
+    (["--task", "clutrr", "--batch-size", "0"], "--batch-size must be at least 1"),
 ])
 def test_bad_input_exits_2_with_one_message(paths, tmp_path, capsys, args, message):
     out = tmp_path / "results.json"
@@ -81,3 +82,11 @@ def test_results_are_written_atomically(tmp_path):
         evaluation.write_json_atomically(out, {"summary": {"a": 1}, "bad": object()})
     assert json.loads(out.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_cuda_requested_where_there_is_none(paths, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert run_cli(paths, "--task", "clutrr", "--device", "cuda") == 2
+    assert "CUDA is not available" in capsys.readouterr().err
