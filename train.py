@@ -569,7 +569,8 @@ def finish(run: Run, model, selected, metrics, record, started, stage: int) -> i
     """Write the adapter, metrics and final config record; drop the checkpoint (the run is complete)."""
     if run.d.main:
         hparams = {"lr": run.hp.lr_a if stage == 1 else run.hp.lr_v, "l1": run.hp.l1, "k": run.hp.k,
-                   "epochs": run.args.epochs, "batch_size": run.args.batch_size, "seed": run.args.seed}
+                   "epochs": run.args.epochs, "batch_size": run.args.batch_size, "seed": run.args.seed,
+                   "fold": run.args.fold}  # eval.py refuses to test a TruthfulQA adapter on its own training fold
         save_adapter(run.out / "adapter.safetensors", model, None if stage == 1 else selected,
                      stage=stage, task=run.args.task, hparams=hparams)  # stage 1: every head's A
         write_json(run.out / "metrics.json", metrics)

@@ -314,3 +314,17 @@ def test_heads_picture_is_drawn_or_skipped_with_a_note(mquake_run, tmp_path, cap
     else:
         assert "matplotlib is not installed" in capsys.readouterr().out
         assert not (tmp_path / "heads.png").exists()
+
+
+def test_truthfulqa_adapter_records_its_fold_and_eval_refuses_the_leaking_fold(tmp_path):
+    """Fold 1's test questions are fold 0's training questions: eval.py must refuse that pairing."""
+    import eval as evaluation
+    out = tmp_path / "tqa1"
+    assert train.main(tiny_args("truthfulqa", out, "--fold", "1", "--epochs", "1", "--train-size", "4",
+                                "--limit-eval", "2")) == 0
+    common = ["--task", "truthfulqa", "--model", str(shared_path("weights", "stories260K_hf")),
+              "--data-dir", str(shared_path("datasets")), "--adapter", str(out / "adapter.safetensors"),
+              "--limit", "2", "--quiet"]
+    assert evaluation.main(common + ["--fold", "0", "--out", str(tmp_path / "leak.json")]) == 2
+    assert not (tmp_path / "leak.json").exists()
+    assert evaluation.main(common + ["--fold", "1", "--out", str(tmp_path / "ok.json")]) == 0
