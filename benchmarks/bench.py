@@ -20,6 +20,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -55,8 +56,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# Per-model workload: (timed rounds, TruthfulQA questions); --quick halves them.
-WORKLOAD = {"stories260K": (10, 20), "medium": (3, 4)}
+@dataclass(frozen=True)
+class Workload:
+    """How much to measure on one model: timed rounds per section and TruthfulQA questions."""
+    train_repeats: int
+    score_questions: int
+    score_repeats: int
+    generate_repeats: int
+
+    def scaled(self, quick: bool, repeats: int | None) -> "Workload":
+        """--quick halves everything (at least 2); --repeats overrides every round count."""
+        w = Workload(*(max(2, n // 2) for n in astuple(self))) if quick else self
+        if repeats:
+            w = Workload(repeats, w.score_questions, repeats, repeats)
+        return w
+
+
+# A stories260K step takes milliseconds; a medium one seconds (and its full-prompt scoring ~1 s per candidate).
+WORKLOADS = {"stories260K": Workload(10, 20, 3, 10), "medium": Workload(3, 4, 2, 3)}
 
 
 def run_cpu(args, configs: list[str], sections: list[str]) -> tuple[list[Row], dict]:
@@ -68,30 +85,29 @@ def run_cpu(args, configs: list[str], sections: list[str]) -> tuple[list[Row], d
     rows, raw = [], {}
     with new_workdir() as workdir:
         for name in configs:
-            repeats, questions = WORKLOAD[name]
-            if args.quick:
-                repeats, questions = max(2, repeats // 2), max(2, questions // 2)
-            repeats = args.repeats or repeats
+            work = WORKLOADS[name].scaled(args.quick, args.repeats)
             directory = checkpoint_dir(SPECS[name], Path(workdir))
             tokenizer = load_tokenizer(str(directory))
             if "train" in sections:
                 ours, hf = load_ours(directory), load_hf(directory)
                 for stage in (1, 2):
                     say(f"{name}: training stage {stage}")
-                    r, x = train_bench.run_stage(name, ours, hf, stage, train_bench.TrainShape(), repeats,
-                                                 clock=args.clock, full_logits_variant=not args.quick)
+                    r, x = train_bench.run_stage(name, ours, hf, stage, train_bench.TrainShape(), work.train_repeats,
+                                                 clock=args.clock, full_logits_variant=stage == 1 and not args.quick)
                     rows += r
                     raw[f"train/{name}/stage{stage}"] = x
             ours, hf = load_ours(directory), load_hf(directory)  # fresh: base models, no LoFiT offsets
             if "score" in sections:
-                say(f"{name}: TruthfulQA scoring, {questions} questions")
-                r, x = score_bench.run(name, ours, hf, tokenizer, questions, repeats, clock=args.clock)
+                say(f"{name}: TruthfulQA scoring, {work.score_questions} questions")
+                r, x = score_bench.run(name, ours, hf, tokenizer, work.score_questions, work.score_repeats,
+                                       clock=args.clock)
                 rows += r
                 raw[f"score/{name}"] = x
             if "generate" in sections:
                 for task in ("mquake", "clutrr"):
                     say(f"{name}: generation, {task} prompts")
-                    r, x = generate_bench.run(name, ours, hf, tokenizer, task, 8, repeats, clock=args.clock)
+                    r, x = generate_bench.run(name, ours, hf, tokenizer, task, 8, work.generate_repeats,
+                                              clock=args.clock)
                     rows += r
                     raw[f"generate/{name}/{task}"] = x
     return rows, raw

@@ -3,7 +3,8 @@
 The model is random (the cost of a step does not depend on the values): built on the meta device,
 materialised on the GPU in bf16, weights ~ N(0, 0.02), norms 1. The transformers baseline is a
 LlamaForCausalLM that shares the very same weight tensors (load_state_dict(assign=True)), with the
-o_proj hooks of train_bench.py; K = 32 heads drawn with a fixed seed (the paper's K for 7B).
+o_proj hooks of train_bench.py; K = 32 heads drawn with a fixed seed (the paper's K for 7B). Rows
+are full length (no padding), so both sides run causal SDPA without a mask (flash attention).
 
 Model FLOPs utilisation = the FLOPs a frozen-base stage-2 step needs / (step time x peak). The
 count (`stage2_step_flops`), with N = B*T tokens, P = a layer's linear parameters
@@ -22,6 +23,7 @@ import logging
 
 import torch
 
+import lofit
 import train_bench
 from common import Row, interleaved_times, median, peak_memory
 from model import Llama, LlamaConfig, hf_name, rope_inv_freq
@@ -101,13 +103,13 @@ def run(args) -> tuple[list[Row], dict]:
     model = random_model(shape, dtype, device)
     hf = None if args.no_baseline else hf_twin(model, device)
     cfg = model.config
-    train_shape = train_bench.TrainShape(batch=args.gpu_batch, seq=args.gpu_seq)
+    train_shape = train_bench.TrainShape(batch=args.gpu_batch, seq=args.gpu_seq, ragged=False)
     batch = {k: t.to(device) for k, t in train_bench.make_batch(cfg.vocab_size, train_shape).items()}
     heads = train_bench.pick_heads(cfg.n_layers, cfg.n_heads, fraction=args.gpu_heads / (cfg.n_layers * cfg.n_heads))
     sides, hooks = train_bench.build_sides(model, hf, 2, batch, heads, full_logits_variant=False)
     if args.compile:
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks are expected (data-dependent shapes)
-        loss = torch.compile(lambda: train_bench.lofit.ce_loss(model, batch))
+        loss = torch.compile(lambda: lofit.ce_loss(model, batch))
         sides.append(train_bench.Side("ours, torch.compile", train_bench.make_step(loss, sides[-1].params),
                                       sides[-1].params, model))
     peaks = {}
@@ -142,9 +144,9 @@ def run(args) -> tuple[list[Row], dict]:
             rows.append(Row("gpu", label, f"{what}, peak memory (weights + step){tag}", base["peak_bytes"] / 2**30,
                             r["peak_bytes"] / 2**30, "GiB", False, 1.0 if name == "ours" else None))
         if r["mfu"] is not None:
-            rows.append(Row("gpu", label, f"{what}, MFU{tag}", base["mfu"] if base else float("nan"), r["mfu"],
-                            "", True, 0.40 if name == "ours" else None, absolute=True,
-                            note=f"{r['tflops_per_s']:.0f} TFLOP/s of {peak:g}"))
+            rows.append(Row("gpu", label, f"{what}, MFU{tag}", 100 * base["mfu"] if base else float("nan"),
+                            100 * r["mfu"], "%", True, 40.0 if name == "ours" else None, absolute=True,
+                            note=f"{r['tflops_per_s']:.3g} of {peak:g} peak TFLOP/s"))
     raw = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "peak_tflops": peak,
            "shape": shape, "train_shape": vars(train_shape), "heads": heads, "step_flops": flops,
            "times_s": times, "results": results}

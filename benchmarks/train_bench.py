@@ -31,21 +31,26 @@ LR = 5e-3
 
 @dataclass
 class TrainShape:
-    """The training batch: `batch` rows of at most `seq` tokens, the last `answer` of each in the loss."""
+    """The training batch: `batch` rows of at most `seq` tokens, the last `answer` of each in the loss.
+
+    ragged: rows of random lengths in [3/4 seq, seq], right-padded as data.collate pads them;
+    otherwise every row is `seq` tokens long (no padding, so attention needs no mask).
+    """
     batch: int = 8
     seq: int = 256
     answer: int = 16  # answer tokens + EOS per row (MQuAKE/CLUTRR answers are shorter; TruthfulQA's similar)
+    ragged: bool = True
 
 
 def make_batch(vocab: int, shape: TrainShape, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A right-padded batch of random tokens like data.collate builds: row lengths in [3/4 seq, seq].
+    """A batch of random token ids like data.collate builds.
 
     Returns input_ids (B, T), attention_mask (B, T) and loss_mask (B, T), True on the last
     `shape.answer` real tokens of each row.
     """
     g = torch.Generator().manual_seed(seed)
     B, T = shape.batch, shape.seq
-    lengths = torch.randint(3 * T // 4, T + 1, (B,), generator=g)
+    lengths = torch.randint(3 * T // 4, T + 1, (B,), generator=g) if shape.ragged else torch.full((B,), T)
     lengths[0] = T  # the batch is as wide as its longest row
     input_ids = torch.randint(3, vocab, (B, T), generator=g)  # (B, T)
     positions = torch.arange(T)[None, :]  # (1, T)
