@@ -40,15 +40,16 @@ class ModelSpec:
     """One model both sides load.
 
     Attributes:
-        name: Short label for tables ("stories260K", "medium", "7B").
-        path: An existing HF checkpoint directory, or None to build a random one from `hf_config`.
+        name: Short label for tables ("stories260K", "medium").
+        path: An existing HF checkpoint directory (with its tokenizer), or None to build a random
+            one from `hf_config`.
         hf_config: transformers LlamaConfig keyword arguments for a random checkpoint.
-        tokenizer: tokenizer.model to place beside a random checkpoint (None: the checkpoint's own).
+        tokenizer: tokenizer.model to place beside a random checkpoint.
     """
     name: str
     path: Path | None = None
     hf_config: dict = field(default_factory=dict)
-    tokenizer: Path | None = LLAMA2_TOKENIZER
+    tokenizer: Path | None = None
 
 
 STORIES = ModelSpec("stories260K", path=STORIES_DIR)
@@ -56,22 +57,25 @@ STORIES = ModelSpec("stories260K", path=STORIES_DIR)
 MEDIUM = ModelSpec("medium", hf_config=dict(
     vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
     num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
-    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2))
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2), tokenizer=LLAMA2_TOKENIZER)
 SPECS = {spec.name: spec for spec in (STORIES, MEDIUM)}
 
 
 def checkpoint_dir(spec: ModelSpec, workdir: Path, seed: int = 0) -> Path:
     """The checkpoint directory of `spec`: the real one, or a random one saved by transformers."""
+    for needed in (spec.path, spec.tokenizer):
+        if needed is not None and not Path(needed).exists():
+            raise SystemExit(f"{needed} is missing: the {spec.name} benchmarks read weights and tokenizers "
+                             f"from ../shared/weights (run from a checkout next to ../shared)")
     if spec.path is not None:
-        if not (Path(spec.path) / "config.json").is_file():
-            raise SystemExit(f"{spec.path} is missing: the {spec.name} benchmarks need ../shared/weights")
         return Path(spec.path)
     directory = Path(workdir) / spec.name
     if not (directory / "config.json").is_file():
         from transformers import LlamaConfig, LlamaForCausalLM
+        quiet_transformers()
         torch.manual_seed(seed)
         LlamaForCausalLM(LlamaConfig(**spec.hf_config)).save_pretrained(directory)
-        if spec.tokenizer is not None and Path(spec.tokenizer).is_file():
+        if spec.tokenizer is not None:
             os.symlink(Path(spec.tokenizer).resolve(), directory / "tokenizer.model")
     return directory
 
@@ -83,10 +87,15 @@ def load_ours(directory: Path, dtype=torch.float32, device="cpu") -> Llama:
 def load_hf(directory: Path, dtype=torch.float32, device="cpu"):
     """transformers' LlamaForCausalLM with SDPA attention (its fastest stock CPU/GPU path)."""
     from transformers import LlamaForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()
+    quiet_transformers()
     model = LlamaForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()
+
+
+def quiet_transformers() -> None:
+    """No progress bars from transformers' saving and loading (they would interleave with the table)."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
 
 
 def new_workdir() -> tempfile.TemporaryDirectory:
