@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from common import DATASETS_DIR, Row, interleaved_times, median
-from data import load_examples
+from common import DATASETS_DIR, Row, interleaved_times, median  # first: puts the repo root on sys.path
+from data import load_examples  # noqa: E402
 
 MAX_NEW_TOKENS = 16
 

@@ -23,10 +23,10 @@ import logging
 
 import torch
 
-import lofit
-import train_bench
-from common import Row, interleaved_times, median, peak_memory
-from model import Llama, LlamaConfig, hf_name, rope_inv_freq
+from common import Row, interleaved_times, median, peak_memory  # first: puts the repo root on sys.path
+import lofit  # noqa: E402
+import train_bench  # noqa: E402
+from model import Llama, LlamaConfig, hf_name, rope_inv_freq  # noqa: E402
 
 SHAPES = {
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32, n_heads=32,
@@ -131,7 +131,8 @@ def run(args) -> tuple[list[Row], dict]:
                               "peak_bytes": weights + peaks[side.name]}
     if hooks is not None:
         hooks.remove()
-    what = f"{label} {str(dtype).removeprefix('torch.')}, stage 2 K={len(heads)}, batch {train_shape.batch} x {train_shape.seq}"
+    what = (f"{label} {str(dtype).removeprefix('torch.')}, stage 2 K={len(heads)}, "
+            f"batch {train_shape.batch} x {train_shape.seq}")
     base = results.get("transformers+hooks")
     rows = []
     for name, r in results.items():

@@ -16,13 +16,11 @@ fold's test file (the prefix is computed once per call, so more questions favour
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-import eval as evaluation
-from common import DATASETS_DIR, Row, interleaved_times, median
-from data import load_examples
+from common import DATASETS_DIR, Row, interleaved_times, median  # first: puts the repo root on sys.path
+import eval as evaluation  # noqa: E402
+from data import load_examples  # noqa: E402
 
 
 def fold_sequences(tokenizer, n_questions: int, fold: int = 0):

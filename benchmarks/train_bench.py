@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lofit
-from common import Row, interleaved_times, median, peak_memory, tensor_bytes
+from common import Row, interleaved_times, median, peak_memory, tensor_bytes  # first: puts the repo root on sys.path
+import lofit  # noqa: E402
 
 L1_LAMBDA = 5e-4  # TruthfulQA / Llama-2-7B stage-1 lambda (method.md); its value does not change the cost
 LR = 5e-3
