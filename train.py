@@ -6,6 +6,8 @@
 Stage 1 trains the scale A of every head with an L1 penalty; heads are ranked by ||A||_2. Stage 2
 starts again from the base model and trains the bias v of the top K heads only (method.md). The
 defaults are the paper's per task and model (PAPER_TABLE); every flag overrides one of them.
+--head-selection replaces stage 1 for the paper's comparisons: seeded random heads, ITI's probe
+ranking (iti.py), or a heads.json from another run or task (--heads FILE).
 
 The number of processes never changes the result:
 - Data order: each epoch is a permutation of the whole training set drawn from a generator seeded
@@ -46,6 +48,7 @@ from tqdm import tqdm
 from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
 from eval import evaluate
 from hub import HubError, resolve_model_dir
+from iti import fit_iti
 from lofit import (AdapterError, HeadScore, answer_logprobs, ce_loss, dpo_loss, l1_penalty, offsets_disabled,
                    rank_heads, save_adapter, select_heads, setup_stage1, setup_stage2, trainable_count)
 from model import CheckpointError, Llama, read_config
@@ -132,8 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory or hub id")
     p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
     p.add_argument("--out", help="output directory (default runs/<task>)")
-    p.add_argument("--stage", choices=("1", "2", "both"), help="default: both, or 2 when --heads is given")
+    p.add_argument("--stage", choices=("1", "2", "both"), help="default: both, or 2 when heads come from elsewhere")
     p.add_argument("--heads", help="heads.json of an earlier run: skip stage 1 and use its ranking")
+    p.add_argument("--head-selection", choices=("lofit", "random", "iti", "file"),
+                   help="stage 2's heads: lofit (stage 1's ranking; the default), random (drawn with --seed), "
+                        "iti (ITI probe accuracy; truthfulqa), file (--heads FILE; the default with --heads)")
     k = p.add_mutually_exclusive_group()
     k.add_argument("--k", type=int, help="number of heads for stage 2 (default: the paper's)")
     k.add_argument("--k-percent", type=float, help="K as a percentage of all heads")
@@ -159,7 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop after this many epochs (both stages counted), keeping the checkpoint for --resume")
     args = p.parse_args(argv)
     args.out = args.out or f"runs/{args.task}"
-    args.stage = args.stage or ("2" if args.heads else "both")
+    args.head_selection = args.head_selection or ("file" if args.heads else "lofit")
+    args.stage = args.stage or ("both" if args.head_selection == "lofit" else "2")
     return args
 
 
@@ -176,10 +183,19 @@ def validate(args):
         raise UsageError(f"--k-percent must be in (0, 100], got {args.k_percent}")
     if args.l1 is not None and args.l1 < 0 or args.train_size is not None and args.train_size < 0:
         raise UsageError("--l1 and --train-size cannot be negative")
-    if args.heads and args.stage != "2":
-        raise UsageError("--heads replaces stage 1, so it goes with --stage 2 (the default when --heads is given)")
-    if args.stage == "2" and not args.heads:
-        raise UsageError("--stage 2 needs --heads FILE (a heads.json from a stage-1 run)")
+    if args.heads and args.head_selection != "file":
+        raise UsageError(f"--heads FILE goes with --head-selection file, not {args.head_selection}")
+    if args.head_selection == "file" and not args.heads:
+        raise UsageError("--head-selection file needs --heads FILE (a heads.json of an earlier run)")
+    if args.head_selection != "lofit" and args.stage != "2":
+        chosen_by = "--heads" if args.heads else f"--head-selection {args.head_selection}"
+        raise UsageError(f"{chosen_by} replaces stage 1, so it goes with --stage 2 (the default then)")
+    if args.stage == "2" and args.head_selection == "lofit":
+        raise UsageError("--stage 2 needs --heads FILE (a heads.json from a stage-1 run) or "
+                         "--head-selection random or iti")
+    if args.head_selection == "iti" and args.task != "truthfulqa":
+        raise UsageError(f"--head-selection iti probes true vs false answers, which only truthfulqa has; for "
+                         f"{args.task}, run iti.py on truthfulqa and pass its heads.json with --heads")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -212,6 +228,24 @@ def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
         raise UsageError(f"--heads {path} names heads {bad[:4]} that this model ({config.n_layers} layers x "
                          f"{config.n_heads} heads) does not have; was it made for another model?")
     return ranking
+
+
+def random_ranking(n_layers: int, n_heads: int, seed: int) -> list[tuple[int, int, None]]:
+    """Every head once, in an order drawn from a CPU generator seeded with `seed` (no scores).
+
+    The paper's random-heads ablation: stage 2 then tunes the first K of this order.
+    """
+    order = torch.randperm(n_layers * n_heads, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(i // n_heads, i % n_heads, None) for i in order]
+
+
+def baseline_ranking(args, config, model, tokenizer, examples, progress: bool) -> tuple[list, str]:
+    """Stage 2's ranking without stage 1 (--head-selection random or iti), and where it came from."""
+    if args.head_selection == "random":
+        return random_ranking(config.n_layers, config.n_heads, args.seed), f"random heads, seed {args.seed}"
+    val = load_examples(args.task, "val", fold=args.fold, data_dir=args.data_dir)
+    probes = fit_iti(model, tokenizer, examples, val, batch_size=args.eval_batch_size, progress=progress)
+    return [tuple(r) for r in probes.ranking()], "ITI probe accuracy on the validation questions"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +497,7 @@ def plot_heads(path: Path, ranking, selected, config):
         print(f"note: matplotlib is not installed, so {path.name} was not drawn (pip install matplotlib)")
         return
     if any(score is None for _, _, score in ranking):
-        print(f"note: the --heads file has no scores, so {path.name} was not drawn")
+        print(f"note: this ranking has no scores, so {path.name} was not drawn")
         return
     grid = torch.zeros(config.n_layers, config.n_heads)  # (L, H)
     for layer, head, score in ranking:
@@ -540,8 +574,10 @@ def run_pipeline(args, d: Dist) -> int:
         elif resume is not None:
             ranking, source = [tuple(r) for r in resume["extra"]["ranking"]], resume["extra"]["source"]
             metrics["train_loss"].update(resume["extra"]["train_loss"])
-        else:
+        elif args.head_selection == "file":
             ranking, source = given, f"--heads {args.heads}"
+        else:
+            ranking, source = baseline_ranking(args, config, model, tokenizer, examples, progress=d.main)
         selected = select_heads([HeadScore(*r) for r in ranking], k=hp.k)
         if d.main:
             write_heads(run, ranking, selected, config, source)
@@ -570,7 +606,8 @@ def finish(run: Run, model, selected, metrics, record, started, stage: int) -> i
     if run.d.main:
         hparams = {"lr": run.hp.lr_a if stage == 1 else run.hp.lr_v, "l1": run.hp.l1, "k": run.hp.k,
                    "epochs": run.args.epochs, "batch_size": run.args.batch_size, "seed": run.args.seed,
-                   "fold": run.args.fold}  # eval.py refuses to test a TruthfulQA adapter on its own training fold
+                   "fold": run.args.fold,  # eval.py refuses to test a TruthfulQA adapter on its own training fold
+                   "head_selection": run.args.head_selection}
         save_adapter(run.out / "adapter.safetensors", model, None if stage == 1 else selected,
                      stage=stage, task=run.args.task, hparams=hparams)  # stage 1: every head's A
         write_json(run.out / "metrics.json", metrics)
