@@ -185,7 +185,7 @@ def test_random_heads_resume_to_the_same_adapter(tmp_path):
     resumed = [*common("truthfulqa", tmp_path / "b"), *TINY_TRAIN, "--epochs", "2", "--head-selection", "random"]
     assert train.main([*resumed, "--stop-after", "1"]) == 0
     assert train.main([*resumed, "--resume"]) == 0
-    a, b = load_file(str(tmp_path / "a" / "adapter.safetensors")), load_file(str(tmp_path / "b" / "adapter.safetensors"))
+    a, b = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
