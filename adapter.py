@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from atomic import ordinary_mode, write_atomically
 from model import hf_name
 
 FORMAT = "lofit-adapter"
@@ -89,13 +90,7 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
                 "config": json.dumps(config, sort_keys=True), "config_sha256": _sha(config),
                 "stage": str(int(stage)), "task": str(task), "hparams": json.dumps(hparams or {}, sort_keys=True),
                 "heads": json.dumps(heads), "complete": json.dumps(not left_out)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_adapter(path) -> tuple[dict, dict]:
@@ -262,6 +257,9 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
+        for f in tmp.iterdir():
+            os.chmod(f, ordinary_mode())
+        os.chmod(tmp, ordinary_mode(directory=True))  # mkdtemp makes it owner-only
         if out_dir.exists():  # overwrite: move the old one aside first, delete it once the new one is in place
             old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
             os.replace(out_dir, old)

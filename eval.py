@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from atomic import write_json_atomically
 from data import TASK_INFO, TASKS, DataError, Example, load_examples
 from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
                      mquake_prediction)
@@ -280,18 +279,6 @@ def check_args(args) -> list[int]:
     if args.out is not None and not args.out.parent.resolve().is_dir():
         raise UsageError(f"output directory {args.out.parent} does not exist; create it first")
     return folds
-
-
-def write_json_atomically(path: Path, obj) -> None:
-    """Write JSON through a temporary file in the same directory, then rename: never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(args) -> dict:

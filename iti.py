@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from atomic import write_json_atomically
 from lofit import HeadScore, attentions, check_heads, offsets_disabled
 
 PROMPT = "Q: {question} A: {answer}"
@@ -374,11 +374,6 @@ def check_args(args) -> ITISettings:
     return ITISettings(args.k, args.alpha, args.probe_l2, dtype, device)
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON to a temporary file, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def run(args) -> dict:
@@ -413,9 +408,9 @@ def run(args) -> dict:
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
     record = {"flags": vars(args), "resolved": asdict(settings), "method": "iti"}
-    write_json(out / "config.json", record)
+    write_json_atomically(out / "config.json", record)
     config = model.config
-    write_json(out / "heads.json", {
+    write_json_atomically(out / "heads.json", {
         "task": args.task, "model": args.model, "source": "ITI probe accuracy on the validation questions",
         "n_layers": config.n_layers, "n_heads": config.n_heads, "k": len(heads),
         "selected": [list(h) for h in heads], "ranking": [{"layer": l, "head": h, "score": s} for l, h, s in ranking]})
@@ -431,10 +426,10 @@ def run(args) -> dict:
         test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit_eval]
         result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size)
         metrics["test"] = result["summary"]
-        write_json(out / "eval_details.json", result["details"])
+        write_json_atomically(out / "eval_details.json", result["details"])
         print("test: " + json.dumps(result["summary"]))
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
+    write_json_atomically(out / "metrics.json", metrics)
+    write_json_atomically(out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
     print(f"outputs in {out}: " + ", ".join(n for n in OUTPUT_FILES if (out / n).exists()))
     return metrics
 

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from atomic import write_atomically, write_json_atomically
 from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
 from eval import evaluate
 from hub import HubError, resolve_model_dir
@@ -476,16 +477,6 @@ def load_checkpoint(out: Path, key: dict) -> dict:
 # Outputs (rank 0 only; every file is written to a temporary name, then renamed)
 
 
-def write_atomically(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj):
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
-
-
 def plot_heads(path: Path, ranking, selected, config):
     """A layers x heads heatmap of the stage-1 scores ||A||_2, the K selected heads outlined."""
     try:
@@ -514,7 +505,7 @@ def plot_heads(path: Path, ranking, selected, config):
 
 
 def write_heads(run: Run, ranking, selected, config, source: str):
-    write_json(run.out / "heads.json", {
+    write_json_atomically(run.out / "heads.json", {
         "task": run.args.task, "model": run.args.model, "source": source, "n_layers": config.n_layers,
         "n_heads": config.n_heads, "k": len(selected), "selected": [list(h) for h in selected],
         "ranking": [{"layer": l, "head": h, "score": s} for l, h, s in ranking]})
@@ -556,7 +547,7 @@ def run_pipeline(args, d: Dist) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUT_FILES if args.overwrite else ():
             (out / name).unlink(missing_ok=True)
-        write_json(out / "config.json", record)
+        write_json_atomically(out / "config.json", record)
 
     model = load_model(args, d, getattr(torch, hp.dtype))
     if data.loss == "dpo":
@@ -597,7 +588,7 @@ def run_pipeline(args, d: Dist) -> int:
     metrics["test"] = result["summary"]
     log(d, "test: " + json.dumps(result["summary"]))
     if d.main:
-        write_json(out / "eval_details.json", result["details"])
+        write_json_atomically(out / "eval_details.json", result["details"])
     return finish(run, model, selected, metrics, record, started, stage=2)
 
 
@@ -610,8 +601,8 @@ def finish(run: Run, model, selected, metrics, record, started, stage: int) -> i
                    "head_selection": run.args.head_selection}
         save_adapter(run.out / "adapter.safetensors", model, None if stage == 1 else selected,
                      stage=stage, task=run.args.task, hparams=hparams)  # stage 1: every head's A
-        write_json(run.out / "metrics.json", metrics)
-        write_json(run.out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
+        write_json_atomically(run.out / "metrics.json", metrics)
+        write_json_atomically(run.out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
         (run.out / "checkpoint.pt").unlink(missing_ok=True)
         print(f"outputs in {run.out}: " + ", ".join(n for n in OUTPUT_FILES if (run.out / n).exists()))
     return 0

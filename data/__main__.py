@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from atomic import write_text_atomically
 
 from . import SPLITS, TASKS, DataError, load_examples
 
@@ -45,22 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     lines = [json.dumps({k: v for k, v in dataclasses.asdict(ex).items() if v not in ("", [], None)},
                         ensure_ascii=False) + "\n" for ex in examples]
-    write_atomically(args.dump, "".join(lines))
+    write_text_atomically(args.dump, "".join(lines))
     print(f"wrote {len(examples)} {args.task} {args.split} examples to {args.dump}", file=sys.stderr)
     return 0
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

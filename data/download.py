@@ -17,11 +17,12 @@ import http.client
 import io
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from atomic import write_bytes_atomically
 
 from .common import DataError
 from .files import FILES, DataFile
@@ -117,16 +118,7 @@ def _store(relpath: str, spec: DataFile, payload: bytes) -> str | None:
     got = hashlib.sha256(payload).hexdigest()
     if got != spec.sha256:
         return f"sha256 mismatch (got {got}, expected {spec.sha256}); nothing was written"
-    path = cache_dir() / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(cache_dir() / relpath, payload)
     return None
 
 
