@@ -353,7 +353,8 @@ def check_args(args) -> ITISettings:
     """Reject bad flags and an --out holding another run, before anything is loaded."""
     if args.task != "truthfulqa":
         raise UsageError(f"ITI probes true vs false answers, which only truthfulqa has, not {args.task}; "
-                         f"to use ITI's heads on {args.task}, pass this run's heads.json to train.py --heads")
+                         f"to use ITI's heads on {args.task}, run iti.py --task truthfulqa and pass its heads.json "
+                         f"to train.py --task {args.task} --heads")
     for flag, value in {"--k": args.k, "--probe-l2": args.probe_l2, "--batch-size": args.batch_size,
                         "--limit-eval": args.limit_eval, "--eval-batch-size": args.eval_batch_size}.items():
         if value is not None and not value > 0:
