@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from atomic import write_json_atomically
+from cli import UsageError, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, Example, load_examples
 from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
                      mquake_prediction)
@@ -256,10 +257,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class UsageError(ValueError):
-    """Bad command-line input; main prints it and exits with status 2."""
-
-
 def check_args(args) -> list[int]:
     """Validate what can be checked before loading anything; return the folds to evaluate."""
     if args.task not in TASKS:
@@ -288,11 +285,8 @@ def run(args) -> dict:
     from tokenizer import TokenizerError, load_tokenizer
 
     folds = check_args(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = resolve_device(args.device)
+    dtype = getattr(torch, resolve_dtype(args.dtype, device))
     try:
         examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
                                   train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
@@ -342,8 +336,7 @@ def main(argv=None) -> int:
     try:
         results = run(args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     if args.out is not None:
         write_json_atomically(args.out, results)
     print(json.dumps(results["summary"], indent=1))

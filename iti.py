@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atomic import write_json_atomically
+from cli import UsageError, existing_outputs, report_error, resolve_device, resolve_dtype
 from lofit import HeadScore, attentions, check_heads, offsets_disabled
 
 PROMPT = "Q: {question} A: {answer}"
@@ -309,10 +310,6 @@ def fit_iti(model, tokenizer, train_examples, val_examples, *, batch_size: int =
 OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json")
 
 
-class UsageError(ValueError):
-    """A bad flag or input; main prints it and exits with status 2."""
-
-
 @dataclass
 class ITISettings:
     """The choices of one ITI run (flags with defaults filled in)."""
@@ -361,20 +358,13 @@ def check_args(args) -> ITISettings:
             raise UsageError(f"{flag} must be positive, got {value}")
     if args.train_size is not None and args.train_size < 0:
         raise UsageError("--train-size cannot be negative")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no GPU is visible to PyTorch")
+    device = resolve_device(args.device)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a directory")
-    found = [name for name in OUTPUT_FILES if (out / name).exists()]
+    found = existing_outputs(out, OUTPUT_FILES)
     if found and not args.overwrite:
         raise UsageError(f"{out} already holds another run's outputs ({', '.join(found)}); "
                          f"pass --overwrite to replace them or choose another --out")
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"
-    return ITISettings(args.k, args.alpha, args.probe_l2, dtype, device)
-
-
+    return ITISettings(args.k, args.alpha, args.probe_l2, resolve_dtype(args.dtype, device), device)
 
 
 def run(args) -> dict:
@@ -444,8 +434,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (UsageError, DataError, HubError, CheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     return 0
 
 

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from atomic import write_atomically, write_json_atomically
+from cli import UsageError, existing_outputs, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
 from eval import evaluate
 from hub import HubError, resolve_model_dir
@@ -70,10 +71,6 @@ PAPER_TABLE = {
 # The paper's models, recognised by shape: (model_type, layers, heads, kv heads, hidden size).
 PAPER_MODELS = {("llama", 32, 32, 32, 4096): "llama-2-7b", ("llama", 40, 40, 40, 5120): "llama-2-13b",
                 ("gemma", 28, 16, 16, 3072): "gemma-7b"}
-
-
-class UsageError(ValueError):
-    """A bad flag or a bad combination of flags and files; the message says what to do."""
 
 
 @dataclass
@@ -122,7 +119,7 @@ def resolve_hparams(args, config, device_type: str) -> Hparams:
                          f"({config.n_layers} layers x {config.n_heads}); pass a smaller --k")
     if k < 1:
         raise UsageError(f"--k-percent {args.k_percent} of {total} heads is less than one head; pass a larger one")
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device_type == "cuda" else "float32"
+    dtype = resolve_dtype(args.dtype, device_type)
     return Hparams(args.lr_a or lr_a, args.l1 if args.l1 is not None else l1, args.lr_v or lr_v, k, dtype, source)
 
 
@@ -199,16 +196,13 @@ def validate(args):
                          f"{args.task}, run iti.py on truthfulqa and pass its heads.json with --heads")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no GPU is visible to PyTorch")
+    resolve_device(args.device)  # refuses --device cuda where there is no GPU
 
 
 def check_out_dir(args):
     """--out must not hold another run's outputs (unless --overwrite); --resume needs a checkpoint."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a directory")
-    found = [name for name in OUTPUT_FILES if (out / name).exists()]
+    found = existing_outputs(out, OUTPUT_FILES)
     if args.resume and not (out / "checkpoint.pt").is_file():
         raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (finished runs keep none)")
     if found and not args.resume and not args.overwrite:
@@ -256,7 +250,7 @@ def baseline_ranking(args, config, model, tokenizer, examples, progress: bool) -
 def setup_distributed(args) -> Dist:
     """Join the torchrun job if there is one: NCCL with one GPU per process, else gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+    cuda = resolve_device(args.device) == "cuda"
     if world == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
@@ -619,9 +613,7 @@ def main(argv=None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
     except (UsageError, DataError, HubError, CheckpointError, TokenizerError, AdapterError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e, print_message=os.environ.get("RANK", "0") == "0")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""cli.py: device and dtype resolution, the --out check and the error report shared by the three scripts."""
+import pytest
+import torch
+
+import cli
+import iti
+import train
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere():
+    assert cli.resolve_dtype("auto", "cuda") == cli.resolve_dtype("auto", "cuda:1") == "bfloat16"
+    assert cli.resolve_dtype("auto", "cpu") == "float32"
+    assert cli.resolve_dtype("float16", "cpu") == "float16" and cli.resolve_dtype("float32", "cuda") == "float32"
+
+
+def test_device_auto_follows_what_pytorch_sees():
+    assert cli.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert cli.resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("main, argv", [
+    (train.main, ["--task", "mquake"]),
+    (iti.main, ["--task", "truthfulqa"]),
+])
+def test_train_and_iti_refuse_cuda_where_there_is_none(tmp_path, capsys, main, argv):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(cli.UsageError, match="--device cuda:1: CUDA is not available here; use --device cpu"):
+        cli.resolve_device("cuda:1")
+    assert main([*argv, "--device", "cuda", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "error: --device cuda: CUDA is not available here; use --device cpu\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_outputs_lists_only_the_scripts_own_files(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.existing_outputs(tmp_path, ("config.json", "metrics.json", "notes.md")) == ["metrics.json"]
+    assert cli.existing_outputs(tmp_path / "not yet made", ("metrics.json",)) == []
+    with pytest.raises(cli.UsageError, match="is a file; pass a directory"):
+        cli.existing_outputs(tmp_path / "notes.txt", ("metrics.json",))
+
+
+def test_report_error_prints_one_line_and_returns_2(capsys):
+    assert cli.report_error(cli.UsageError("--k must be positive, got 0")) == 2
+    assert capsys.readouterr().err == "error: --k must be positive, got 0\n"
+    assert cli.report_error(ValueError("quiet rank"), print_message=False) == 2
+    assert capsys.readouterr().err == ""
