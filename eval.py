@@ -26,6 +26,7 @@ from cli import UsageError, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, Example, load_examples
 from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
                      mquake_prediction)
+from lofit import AdapterError, answer_logprobs, load_adapter
 from model import KVCache, Llama
 
 __all__ = ["evaluate", "answer_scores", "generate_greedy", "mc_sequences", "shared_prefix_length",
@@ -93,20 +94,13 @@ def answer_scores(model: Llama, sequences: list[list[int]], answer_starts: list[
         ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, S) right-padded; pads are masked
         mask = torch.zeros(len(batch), prefix_len + width, dtype=torch.long)  # (B, P + S)
         mask[:, :prefix_len] = 1
-        rows, cols, targets = [], [], []  # where each answer token is predicted, and the token
+        answer = torch.zeros(len(batch), width, dtype=torch.bool)  # (B, S): the answer tokens
         for b, (i, suffix) in enumerate(zip(batch, suffixes)):
             ids[b, :len(suffix)] = torch.tensor(suffix)
             mask[b, prefix_len:prefix_len + len(suffix)] = 1
-            for t in range(answer_starts[i], len(sequences[i])):
-                rows.append(b)
-                cols.append(t - 1 - prefix_len)  # the hidden state at t - 1 predicts token t
-                targets.append(sequences[i][t])
+            answer[b, answer_starts[i] - prefix_len:len(suffix)] = True  # predicted inside the suffix
         cache = prefix.expand(len(batch)) if prefix is not None else None
-        h = model.hidden_states(ids.to(device), mask.to(device), cache)  # (B, S, D)
-        rows_t = torch.tensor(rows, device=device)
-        logits = model.lm_head(h[rows_t, torch.tensor(cols, device=device)]).float()  # (N, V)
-        token_logp = logits.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
-        sums = torch.zeros(len(batch), device=device).index_add_(0, rows_t, token_logp)  # (B,)
+        sums = answer_logprobs(model, ids.to(device), mask.to(device), answer.to(device), cache)  # (B,)
         for b, i in enumerate(batch):
             scores[i] = float(sums[b])
     return scores
@@ -318,7 +312,6 @@ def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int) -> None:
     Raises UsageError when the file is not an adapter, was made for another architecture, or was
     trained on the other TruthfulQA fold (whose training questions are this fold's test set).
     """
-    from lofit import AdapterError, load_adapter
     try:
         meta = load_adapter(path, model)
     except AdapterError as err:

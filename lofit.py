@@ -215,20 +215,22 @@ def offsets_disabled(model):
 # Losses
 
 
-def answer_token_logprobs(model, input_ids, attention_mask, loss_mask):
+def answer_token_logprobs(model, input_ids, attention_mask, loss_mask, cache=None):
     """Log-probabilities of the loss tokens, computing logits only where they are needed.
 
     Token t is predicted at position t - 1, so lm_head runs only on the N positions whose next
     token has loss_mask True, never on the whole (B, T, vocab).
 
     Args:
-        input_ids: (B, T) token ids. attention_mask: (B, T), 1 on real tokens. loss_mask: (B, T),
-            True on the tokens whose log-probability counts (loss_mask[:, 0] is never used).
+        input_ids: (B, T) token ids. attention_mask: (B, T_past + T), 1 on real tokens.
+        loss_mask: (B, T), True on the tokens whose log-probability counts (loss_mask[:, 0] is never
+            used: its prediction would come from a position before input_ids).
+        cache: A KVCache of T_past earlier positions (e.g. a prompt prefix shared by every row).
 
     Returns:
         (rows, logp): the batch row (N,) of each loss token and its log-probability (N,) in fp32.
     """
-    hidden = model.hidden_states(input_ids, attention_mask)  # (B, T, D)
+    hidden = model.hidden_states(input_ids, attention_mask, cache)  # (B, T, D)
     predicts = loss_mask[:, 1:].bool()  # (B, T-1): position t predicts token t + 1
     rows, cols = predicts.nonzero(as_tuple=True)  # (N,) each
     logits = model.lm_head(hidden[rows, cols]).float()  # (N, V)
@@ -236,9 +238,9 @@ def answer_token_logprobs(model, input_ids, attention_mask, loss_mask):
     return rows, -F.cross_entropy(logits, targets, reduction="none")  # (N,)
 
 
-def answer_logprobs(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+def answer_logprobs(model, input_ids, attention_mask, loss_mask, cache=None) -> torch.Tensor:
     """Summed log-probability (B,) of each row's loss tokens (for DPO: the answer and its EOS), fp32."""
-    rows, logp = answer_token_logprobs(model, input_ids, attention_mask, loss_mask)
+    rows, logp = answer_token_logprobs(model, input_ids, attention_mask, loss_mask, cache)
     return torch.zeros(input_ids.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
 
 
