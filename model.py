@@ -333,8 +333,8 @@ class Llama(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         state = {name: param for name, param in model.named_parameters()}
-        expected = {hf_name(n): n for n in state if not n.startswith("lm_head") or not config.tie_word_embeddings}
-        expected = {k: v for k, v in expected.items() if ".lofit_" not in v}  # LoFiT params are not in checkpoints
+        # LoFiT parameters are not in checkpoints; a tied lm_head is listed once, as embed_tokens.
+        expected = {hf_name(n): n for n in state if ".lofit_" not in n}
         loaded = {}
         unexpected = []
         for file in checkpoint_files(directory):
