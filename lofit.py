@@ -177,7 +177,7 @@ def select_heads(ranking, k: int | None = None, k_percent: float | None = None) 
         ranking: HeadScore-like (layer, head, score) items, best first, e.g. rank_heads(model).
         k: How many heads to keep.
         k_percent: Or a percentage of the heads in `ranking` (rank_heads gives every head); K is
-            rounded down as the original's int(0.1 * L * H), e.g. 10% of Llama-2-7B's 1,024 is 102.
+            rounded down, e.g. 10% of Llama-2-7B's 1,024 heads is 102.
 
     Raises:
         ValueError: neither or both of k and k_percent, or a K outside 1..len(ranking).

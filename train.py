@@ -38,6 +38,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,9 +108,11 @@ def resolve_hparams(args, config, device_type: str) -> Hparams:
         f"{args.task}: model not in the paper's table, so the Llama-2-7B row and K = 3% of {total} heads"
     if family is None:
         k = max(1, int(0.03 * total))  # rounded down, as the original's int(0.1 * L * H)
-    if table_task != args.task:  # SIQA / ARC / BoolQ: short-answer CE tasks, 10% of heads (paper Table 3)
-        k = max(1, int(0.10 * total))
-        source = f"{args.task} (not in the paper's table): MQuAKE's row for this model and K = 10% of {total} heads"
+    if table_task != args.task:  # SIQA / ARC / BoolQ: short-answer CE tasks, "10%" of heads (paper Table 3)
+        # The paper's Table 3 and its released Llama-2-7B checkpoints use 96 heads, which it calls 10%.
+        k = 96 if family == "llama-2-7b" else max(1, int(0.10 * total))
+        source = f"{args.task} (not in the paper's table): MQuAKE's row for this model and K = {k} " \
+                 f"(the paper's 10% of {total} heads)"
     if args.k is not None:
         k = args.k
     elif args.k_percent is not None:
@@ -218,6 +221,9 @@ def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
         ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
+    repeated = sorted(head for head, n in Counter((l, h) for l, h, _ in ranking).items() if n > 1)
+    if repeated:
+        raise UsageError(f"--heads {path} lists heads {repeated[:4]} more than once; each head may appear once")
     bad = [(l, h) for l, h, _ in ranking if not (0 <= l < config.n_layers and 0 <= h < config.n_heads)]
     if bad:
         raise UsageError(f"--heads {path} names heads {bad[:4]} that this model ({config.n_layers} layers x "

@@ -211,6 +211,10 @@ def test_heads_file_for_another_model_is_rejected(tmp_path, capsys):
     heads.write_text(json.dumps([[0, 1], [31, 7]]))  # layer 31 exists in Llama-2-7B, not in stories260K
     assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(heads), "--k", "2")) == 2
     assert "names heads [(31, 7)]" in capsys.readouterr().err
+    heads.write_text(json.dumps([[0, 1], [0, 1], [2, 3]]))
+    assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(heads), "--k", "2")) == 2
+    assert "lists heads [(0, 1)] more than once" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
     heads.write_text("not json")
     assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(heads))) == 2
     assert "not a heads.json from train.py" in capsys.readouterr().err
@@ -233,7 +237,8 @@ class Shape:
     ("clutrr", Shape("llama", 32, 32, 4096), (5e-4, 5e-3, 1e-2, 32)),
     ("clutrr", Shape("llama", 22, 32, 2048), (5e-4, 5e-3, 1e-2, 21)),  # not in the table: 7B row, 3% of 704
     ("mquake", Shape("llama", 32, 32, 4096, n_kv_heads=8), (5e-3, 1e-3, 1e-2, 30)),  # Mistral-7B: 3% of 1024
-    ("boolq", Shape("llama", 32, 32, 4096), (5e-3, 1e-3, 1e-2, 102)),  # Table 3 tasks: 10% of heads
+    ("boolq", Shape("llama", 32, 32, 4096), (5e-3, 1e-3, 1e-2, 96)),  # Table 3 tasks: the paper's 96 heads
+    ("arc_challenge", Shape("llama", 40, 40, 5120), (1e-3, 1e-3, 8e-3, 160)),  # 13B: 10% of 1,600
 ])
 def test_paper_defaults(task, shape, expected):
     hp = defaults(task, shape)
