@@ -108,15 +108,22 @@ def read_adapter(path) -> tuple[dict, dict]:
     if raw.get("format") != FORMAT:
         raise AdapterError(f"{path} is not a LoFiT adapter (no '{FORMAT}' metadata); "
                            f"pass an adapter.safetensors written by train.py or save_adapter")
-    if int(raw.get("format_version", 0)) > FORMAT_VERSION:
-        raise AdapterError(f"{path} has adapter format version {raw['format_version']}; this code reads "
+    broken = f"{path} has broken adapter metadata"
+    try:
+        version = int(raw["format_version"])
+    except (KeyError, ValueError) as e:
+        raise AdapterError(f"{broken} ({e!r}); write the adapter again") from None
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{path} has adapter format version {version}; this code reads "
                            f"up to {FORMAT_VERSION}: update the code")
     try:
-        meta = {**raw, "format_version": int(raw["format_version"]), "stage": int(raw["stage"]),
+        meta = {**raw, "format_version": version, "stage": int(raw["stage"]),
                 "config": json.loads(raw["config"]), "hparams": json.loads(raw["hparams"]),
                 "heads": [tuple(h) for h in json.loads(raw["heads"])], "complete": json.loads(raw["complete"])}
-    except (KeyError, ValueError) as e:
-        raise AdapterError(f"{path} has broken adapter metadata ({e!r}); write the adapter again") from None
+        if not (isinstance(meta["config"], dict) and isinstance(meta["hparams"], dict)):
+            raise ValueError("config and hparams must be JSON objects")
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterError(f"{broken} ({e!r}); write the adapter again") from None
     return tensors, meta
 
 

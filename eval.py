@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -267,8 +268,13 @@ def check_args(args) -> list[int]:
         raise UsageError("--limit must be a positive number of examples")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if args.out is not None and not args.out.parent.resolve().is_dir():
-        raise UsageError(f"output directory {args.out.parent} does not exist; create it first")
+    if args.out is not None:
+        if args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a directory; give a file name such as {args.out / 'results.json'}")
+        if not args.out.parent.resolve().is_dir():
+            raise UsageError(f"output directory {args.out.parent} does not exist; create it first")
+        if not os.access(args.out.parent.resolve(), os.W_OK):
+            raise UsageError(f"output directory {args.out.parent} is not writable; choose another --out")
     return folds
 
 
@@ -291,7 +297,7 @@ def run(args) -> dict:
     summaries, details = [], []
     for k, fold in enumerate(folds):
         if args.adapter:
-            load_adapter_or_fail(args.adapter[k], model, args.task, fold)
+            load_adapter_or_fail(args.adapter[k], model, args.task, fold, args.split)
         result = evaluate(model, tokenizer, args.task, examples[k], batch_size=args.batch_size,
                           progress=not args.quiet, prefix_cache=not args.no_prefix_cache)
         if args.task == "truthfulqa":
@@ -306,18 +312,20 @@ def run(args) -> dict:
     return {"config": config, "summary": summary, "details": details}
 
 
-def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int) -> None:
+def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int, split: str = "test") -> None:
     """Set `model`'s offsets to an adapter's (heads it lacks get 0, so adapters never stack).
 
-    Raises UsageError when the file is not an adapter, was made for another architecture, or was
-    trained on the other TruthfulQA fold (whose training questions are this fold's test set).
+    Raises UsageError when the file is not an adapter, was made for another architecture, or is a
+    TruthfulQA adapter of the other fold asked to score this fold's test set (which holds its
+    training questions).
     """
     try:
         meta = load_adapter(path, model)
     except AdapterError as err:
         raise UsageError(str(err)) from None
-    trained_fold = meta.get("hparams", {}).get("fold")
-    if task == "truthfulqa" and trained_fold is not None and int(trained_fold) != fold:
+    trained_fold = meta["hparams"].get("fold")
+    leaks = task == meta.get("task") == "truthfulqa" and split == "test"
+    if leaks and trained_fold is not None and int(trained_fold) != fold:
         raise UsageError(f"adapter {path} was trained on TruthfulQA fold {trained_fold}; evaluating it on "
                          f"fold {fold}'s test set would test on its training questions. Pass --fold {trained_fold}")
     if meta.get("task") and meta["task"] != task:

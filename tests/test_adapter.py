@@ -135,10 +135,14 @@ def test_bad_adapter_files_get_clear_errors(tmp_path, checkpoint):
         ("range", {"heads": torch.tensor([[2, 0]]), "v": torch.zeros(1, 16)}, {"heads": "[[2, 0]]"}),
         ("shape", {"heads": torch.tensor([[1, 2]]), "v": torch.zeros(1, 8)}, {}),
         ("version", {"heads": torch.tensor([[1, 2]]), "v": torch.zeros(1, 16)}, {"format_version": "99"}),
+        ("version_text", {"heads": torch.tensor([[1, 2]]), "v": torch.zeros(1, 16)}, {"format_version": "two"}),
+        ("hparams_null", {"heads": torch.tensor([[1, 2]]), "v": torch.zeros(1, 16)}, {"hparams": "null"}),
     ]:
         save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={**meta, **changes})
         with pytest.raises(lofit.AdapterError, match={"range": "outside", "shape": "inconsistent",
-                                                      "version": "update the code"}[name]):
+                                                      "version": "update the code",
+                                                      "version_text": "broken adapter metadata",
+                                                      "hparams_null": "broken adapter metadata"}[name]):
             lofit.load_adapter(tmp_path / f"{name}.safetensors", model)
 
 

@@ -104,3 +104,8 @@ def test_adapter_of_the_other_truthfulqa_fold_exits_2(exported, tmp_path, capsys
     assert evaluation.main(argv + ["--adapter", str(fold1)]) == 2
     assert "trained on TruthfulQA fold 1" in capsys.readouterr().err
     assert evaluation.main(argv + ["--fold", "1", "--adapter", str(fold1)]) == 0
+    assert evaluation.main(argv + ["--split", "val", "--adapter", str(fold1)]) == 0  # fold 1's test questions
+    mquake = tmp_path / "mquake.safetensors"  # the fold recorded by a non-TruthfulQA run means nothing
+    save_adapter(mquake, model, [(0, 0)], stage=2, task="mquake", hparams={"fold": 1})
+    assert evaluation.main(argv + ["--adapter", str(mquake)]) == 0
+    assert "trained on mquake" in capsys.readouterr().err  # a warning, not a refusal

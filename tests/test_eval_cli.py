@@ -73,6 +73,8 @@ def test_missing_model_and_output_directory(paths, tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert run_cli(paths, "--task", "clutrr", "--out", str(tmp_path / "missing" / "r.json")) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert run_cli(paths, "--task", "clutrr", "--out", str(tmp_path)) == 2  # checked before any work
+    assert "is a directory; give a file name" in capsys.readouterr().err
 
 
 def test_results_are_written_atomically(tmp_path):
