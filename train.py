@@ -306,7 +306,9 @@ class TrainData:
 
     def normaliser(self, batch: list[int]) -> int:
         """What a global batch's loss is averaged over: its answer tokens (CE) or its pairs (DPO)."""
-        return sum(sum(self.items[i][1][1:]) for i in batch) if self.loss == "ce" else len(batch)
+        if self.loss == "dpo":
+            return len(batch)
+        return max(1, sum(sum(self.items[i][1][1:]) for i in batch))  # 1: a batch of no-answer examples adds 0
 
 
 def tokenize_training_set(task, examples, tokenizer) -> TrainData:
@@ -540,6 +542,10 @@ def run_pipeline(args, d: Dist) -> int:
                              train_size=args.train_size, seed=args.seed)
     test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit_eval]
     data = tokenize_training_set(args.task, examples, tokenizer)
+    if data.loss == "ce" and (empty := sum(not any(mask[1:]) for _, mask in data.items)):
+        log(d, f"warning: {empty} of {len(data.items)} training examples have a prompt of at least "
+               f"{TASK_INFO[args.task].max_len} tokens, so no answer token is left after the cut; they add no "
+               f"loss (as in the original)")
     log(d, "LoFiT " + json.dumps({**vars(args), **asdict(hp), "world_size": d.world}, indent=1))
     if d.world > 1:
         dist.barrier()  # every rank has checked --out before rank 0 touches it

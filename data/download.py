@@ -20,6 +20,7 @@ import sys
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from atomic import write_bytes_atomically
@@ -137,6 +138,8 @@ def _store_zip_members(relpath: str, url: str, payload: bytes) -> str | None:
             member = archive.read(spec.zip_member)
         except KeyError:
             member_problem = f"the archive has no member {spec.zip_member}"
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+            member_problem = f"the archive's member {spec.zip_member} is damaged ({e})"
         else:
             member_problem = _store(rel, spec, member)
         if rel == relpath:

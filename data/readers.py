@@ -52,9 +52,9 @@ def read_json_list(path: Path) -> list:
 
 
 def read_jsonl(path: Path) -> list:
-    """A JSON-lines file: one JSON object per non-empty line."""
+    """A JSON-lines file: one JSON object per non-empty line (lines end at "\\n" only, as readlines)."""
     records = []
-    for number, line in enumerate(_text(path).splitlines(), start=1):
+    for number, line in enumerate(_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

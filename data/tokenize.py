@@ -44,21 +44,18 @@ def tokenize_ce(tokenizer, prompt: str, answer: str, max_len: int = 400) -> tupl
         prompt: Text before the answer (Example.prompt).
         answer: Target text (Example.answer), appended with no space.
         max_len: Sequences are cut to their first max_len tokens, as the original's SFT tokenization
-            (truncation=True, max_length=400) did; the EOS is lost if the cut reaches it.
+            (truncation=True, max_length=400) did; the EOS is lost if the cut reaches it. A prompt
+            of max_len tokens or more leaves no answer token: the mask is then all False and the
+            example teaches nothing, as in the original (its collator found no response template
+            and set every label to -100).
 
     Returns:
         (ids, loss_mask): ids = BOS + tokens(prompt + answer) + EOS; loss_mask True on the answer
         tokens and the EOS.
-
-    Raises:
-        DataError: the cut leaves no answer token to learn from.
     """
     ids = tokenizer.encode(prompt + answer, bos=True, eos=True)
     start = answer_start(tokenizer, prompt, ids[:-1])
     mask = [i >= start for i in range(len(ids))]
-    if start >= max_len:
-        raise DataError(f"the prompt alone is {start} tokens, so max_len={max_len} leaves no answer token; "
-                        f"raise max_len (the example is {len(ids)} tokens)")
     return ids[:max_len], mask[:max_len]
 
 

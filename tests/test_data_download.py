@@ -146,6 +146,23 @@ def test_broken_zip_is_an_error(server, monkeypatch):
         resolve("siqa/raw/dev.jsonl")
 
 
+def test_damaged_zip_member_falls_through_to_the_next_mirror(server, monkeypatch):
+    member = shared_path("datasets", "siqa", "raw", "dev-labels.txt").read_bytes()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("socialiqa-train-dev/dev-labels.lst", member)
+    good = buffer.getvalue()
+    data_start = 30 + len("socialiqa-train-dev/dev-labels.lst")  # after the local file header
+    damaged = bytearray(good)
+    damaged[data_start + 10] ^= 0xFF
+    bad_url = server.serve("/bad.zip", bytes(damaged))
+    point_at(monkeypatch, "siqa/raw/dev-labels.txt", bad_url)  # the only mirror: one clear error
+    with pytest.raises(DataError, match="member socialiqa-train-dev/dev-labels.lst is damaged"):
+        resolve("siqa/raw/dev-labels.txt")
+    point_at(monkeypatch, "siqa/raw/dev-labels.txt", bad_url, server.serve("/good.zip", good))
+    assert resolve("siqa/raw/dev-labels.txt").read_bytes() == member
+
+
 def test_environment_variable_selects_a_local_copy(server, monkeypatch):
     monkeypatch.setenv("LOFIT_DATA_DIR", str(shared_path("datasets")))
     point_at(monkeypatch, "mquake/val.jsonl", server.serve("/val.jsonl", b"unused"))

@@ -10,7 +10,7 @@ import sentencepiece
 import torch
 
 from conftest import shared_path
-from data import DataError, collate, load_examples, tokenize_ce, tokenize_dpo
+from data import collate, load_examples, tokenize_ce, tokenize_dpo
 from tokenizer import load_tokenizer
 
 TOKENIZERS = {"llama2": ("weights", "llama2_tokenizer"), "stories260K": ("weights", "stories260K_hf")}
@@ -49,16 +49,9 @@ def test_ce_masks_equal_the_original_pipeline_on_every_training_record(tokenizer
     data_dir = shared_path("datasets")
     examples = (load_examples(task, "train", data_dir=data_dir, train_size=0)
                 + load_examples(task, "val", data_dir=data_dir))
-    checked = 0
     for ex in examples:
-        expected_ids, expected_mask = original_ce(hf, ex.prompt, ex.answer, TEMPLATES[task])
-        if not any(expected_mask):
-            with pytest.raises(DataError):  # the original would have trained on no token at all
-                tokenize_ce(ours, ex.prompt, ex.answer)
-            continue
-        assert tokenize_ce(ours, ex.prompt, ex.answer) == (expected_ids, expected_mask), ex.id
-        checked += 1
-    assert checked > 0.9 * len(examples)
+        expected = original_ce(hf, ex.prompt, ex.answer, TEMPLATES[task])
+        assert tokenize_ce(ours, ex.prompt, ex.answer) == expected, ex.id
 
 
 def test_ce_hand_computed_example(llama2):
@@ -69,13 +62,15 @@ def test_ce_hand_computed_example(llama2):
     assert mask == [False] * 10 + [True, True]
 
 
-def test_ce_truncation_keeps_the_first_tokens_and_refuses_an_empty_answer(llama2):
+def test_ce_truncation_keeps_the_first_tokens_and_may_leave_no_answer(llama2):
     ours, _ = llama2
     ids, mask = tokenize_ce(ours, "Q: Can pigs fly? A:", "No, pigs cannot fly")
     cut_ids, cut_mask = tokenize_ce(ours, "Q: Can pigs fly? A:", "No, pigs cannot fly", max_len=12)
     assert (cut_ids, cut_mask) == (ids[:12], mask[:12])
-    with pytest.raises(DataError, match="max_len"):
-        tokenize_ce(ours, "Q: Can pigs fly? A:", "No", max_len=10)
+    # The prompt fills max_len: the original's collator found no response template, every label -100.
+    full_ids, _ = tokenize_ce(ours, "Q: Can pigs fly? A:", "No")
+    cut_ids, cut_mask = tokenize_ce(ours, "Q: Can pigs fly? A:", "No", max_len=10)
+    assert cut_ids == full_ids[:10] and not any(cut_mask)
 
 
 def test_dpo_pair_without_merge(llama2):
