@@ -4,6 +4,7 @@
 - resolve_device / resolve_dtype: what --device auto and --dtype auto mean (CUDA and bfloat16 when a
   GPU is visible, else the CPU and float32), and refusing --device cuda where there is no GPU.
 - existing_outputs: which of a script's output files an --out directory already holds.
+- add_tokenizer_flag: --tokenizer, the same in every script.
 """
 from __future__ import annotations
 
@@ -78,3 +79,11 @@ def existing_outputs(out: Path, output_files) -> list[str]:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory")
     return [name for name in output_files if (out / name).exists()]
+
+
+def add_tokenizer_flag(parser) -> None:
+    """Add --tokenizer {auto, sentencepiece, tokenizer.json} (see tokenizer.load_tokenizer)."""
+    parser.add_argument("--tokenizer", choices=("auto", "sentencepiece", "tokenizer.json"), default="auto",
+                        help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
+                             "else tokenizer.json; tokenizer.json: the fast tokenizer the original LoFiT "
+                             "pipeline used (Llama-2 splits runs of spaces differently there)")

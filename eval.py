@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from atomic import write_json_atomically
-from cli import UsageError, report_error, resolve_device, resolve_dtype
+from cli import UsageError, add_tokenizer_flag, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, Example, load_examples
 from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
                      mquake_prediction)
@@ -243,6 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TruthfulQA fold; 'both' reports the mean over the two folds (default 0)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=int, default=8)
+    add_tokenizer_flag(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -291,7 +292,7 @@ def run(args) -> dict:
         examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
                                   train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
     except (DataError, HubError, CheckpointError, TokenizerError) as err:
         raise UsageError(str(err)) from None
     summaries, details = [], []

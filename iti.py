@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atomic import write_json_atomically
-from cli import UsageError, existing_outputs, report_error, resolve_device, resolve_dtype
+from cli import UsageError, add_tokenizer_flag, existing_outputs, report_error, resolve_device, resolve_dtype
 from lofit import HeadScore, attentions, check_heads, offsets_disabled
 
 PROMPT = "Q: {question} A: {answer}"
@@ -337,6 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit-eval", type=int, help="evaluate on the first N test examples only")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--no-eval", action="store_true", help="write the adapter only (score it later with eval.py)")
+    add_tokenizer_flag(p)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -382,7 +383,7 @@ def run(args) -> dict:
     if settings.k > total:
         raise UsageError(f"K = {settings.k} is more than the model's {total} heads "
                          f"({model.config.n_layers} layers x {model.config.n_heads}); pass a smaller --k")
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
     train = load_examples(args.task, "train", fold=args.fold, data_dir=args.data_dir,
                           train_size=args.train_size if args.train_size is not None else 0, seed=args.seed)
     val = load_examples(args.task, "val", fold=args.fold, data_dir=args.data_dir)

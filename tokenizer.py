@@ -7,6 +7,10 @@ Two backends, picked by the files in the checkpoint directory:
 * ``tokenizer.json`` read by the ``tokenizers`` library (Llama-3, SmolLM). Llama-3 also ships a
   ``tokenizer.model`` in tiktoken format, which SentencePiece cannot read; we then fall back here.
 
+``backend="tokenizer.json"`` picks the second even where SentencePiece could read the first: for
+Llama-2 that is transformers' fast tokenizer, which the original LoFiT pipeline used and which
+splits runs of spaces differently ("is  Roy": ▁is ▁▁ Ro y, where SentencePiece gives ▁is ▁ ▁Roy).
+
 BOS and EOS are added only through the ``bos=``/``eos=`` flags. A literal "<s>" in the text stays text
 with SentencePiece (as in Meta's tokenizer); ``tokenizers`` matches its file's added tokens, as HF does.
 """
@@ -105,27 +109,42 @@ class HFTokenizersTokenizer(Tokenizer):
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
 
-def load_tokenizer(path_or_repo_id: str, token: str | None = None) -> Tokenizer:
+BACKENDS = ("auto", "sentencepiece", "tokenizer.json")
+
+
+def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str = "auto") -> Tokenizer:
     """Load the tokenizer of a checkpoint directory or hub repo id.
 
     Args:
         path_or_repo_id: local checkpoint directory or Hugging Face repo id (see ``hub.resolve_model_dir``).
         token: optional hub token for gated or private repos.
+        backend: "auto" (SentencePiece if it can read ``tokenizer.model``, else ``tokenizer.json``),
+            or "sentencepiece" / "tokenizer.json" to insist on one.
 
     Returns:
-        A SentencePiece-backed tokenizer if ``tokenizer.model`` is readable by SentencePiece, else one
-        backed by ``tokenizer.json``.
+        A Tokenizer backed by SentencePiece or by the ``tokenizers`` library.
 
     Raises:
         hub.HubError: the name is neither a directory nor a reachable repo.
-        TokenizerError: no usable tokenizer file, or one that is corrupt.
+        TokenizerError: no usable tokenizer file, the asked-for one is missing, or it is corrupt.
     """
+    if backend not in BACKENDS:
+        raise TokenizerError(f"unknown tokenizer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     directory = hub.resolve_model_dir(path_or_repo_id, token)
     sp_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
     if not sp_file.is_file() and not json_file.is_file():
         raise TokenizerError(f"{directory} has no tokenizer: expected tokenizer.model (SentencePiece) "
                              f"or tokenizer.json (Hugging Face tokenizers) in it")
-    if sp_file.is_file():
+    wanted = {"sentencepiece": sp_file, "tokenizer.json": json_file}.get(backend)
+    if wanted is not None and not wanted.is_file():
+        raise TokenizerError(f"{directory} has no {wanted.name}, which the {backend} tokenizer reads; "
+                             f"use the automatic choice (--tokenizer auto) instead")
+    if backend == "sentencepiece":
+        try:
+            return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_file=str(sp_file)))
+        except Exception as err:
+            raise TokenizerError(f"{sp_file} is not a readable SentencePiece model ({err})") from None
+    if sp_file.is_file() and backend == "auto":
         try:
             return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_file=str(sp_file)))
         except Exception as err:  # not a SentencePiece model (e.g. Llama-3's tiktoken file) or corrupt

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from atomic import write_atomically, write_json_atomically
-from cli import UsageError, existing_outputs, report_error, resolve_device, resolve_dtype
+from cli import UsageError, add_tokenizer_flag, existing_outputs, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
 from eval import evaluate
 from hub import HubError, resolve_model_dir
@@ -157,6 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, help="training examples to draw (default: the task's; 0 = all)")
     p.add_argument("--limit-eval", type=int, help="evaluate on the first N test examples only")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    add_tokenizer_flag(p)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -537,7 +538,7 @@ def run_pipeline(args, d: Dist) -> int:
     record = {"flags": vars(args), "resolved": asdict(hp), "world_size": d.world, "device": str(d.device),
               "model_dir": str(model_dir), "versions": {"python": platform.python_version(),
                                                         "torch": torch.__version__}}
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
     examples = load_examples(args.task, "train", fold=args.fold, data_dir=args.data_dir,
                              train_size=args.train_size, seed=args.seed)
     test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit_eval]

@@ -58,6 +58,7 @@ def test_generation_task_results_json(paths, tmp_path):
     (["--task", "truthfulqa", "--fold", "both", "--adapter", __file__], "one --adapter per fold"),
     (["--task", "clutrr", "--limit", "0"], "--limit must be a positive"),
     (["--task", "clutrr", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--task", "clutrr", "--tokenizer", "tokenizer.json"], "has no tokenizer.json"),
 ])
 def test_bad_input_exits_2_with_one_message(paths, tmp_path, capsys, args, message):
     out = tmp_path / "results.json"

@@ -230,6 +230,53 @@ def test_sentencepiece_preferred_when_both_files_exist(tmp_path):
     assert isinstance(load_tokenizer(str(tmp_path)), SentencePieceTokenizer)
 
 
+def llama2_fast_tokenizer_dir(directory):
+    """tokenizer.model and the tokenizer.json transformers' converter makes of it (the hub's layout)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+    model_file = shared_path("weights", "llama2_tokenizer", "tokenizer.model")
+    extractor = SentencePieceExtractor(str(model_file))
+    try:  # transformers 5: a dict; 4.x: (vocab, merges)
+        pieces = extractor.extract(models.BPE)
+        vocab, merges = pieces["vocab"], pieces["merges"]
+    except TypeError:
+        vocab, merges = extractor.extract()
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])  # ids 0, 1, 2 already, now marked special
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    directory.mkdir(parents=True, exist_ok=True)
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    shutil.copy(model_file, directory / "tokenizer.model")
+    return directory
+
+
+def test_backend_choice_reproduces_the_fast_tokenizer_the_original_used(tmp_path):
+    directory = str(llama2_fast_tokenizer_dir(tmp_path))
+    reference = load_tokenizer(directory)  # auto: SentencePiece, Meta's reference
+    fast = load_tokenizer(directory, backend="tokenizer.json")
+    assert isinstance(reference, SentencePieceTokenizer) and isinstance(fast, HFTokenizersTokenizer)
+    assert isinstance(load_tokenizer(directory, backend="sentencepiece"), SentencePieceTokenizer)
+    # A run of two spaces (every CLUTRR prompt has one): ▁is ▁ ▁Roy here, ▁is ▁▁ Ro y in the fast tokenizer.
+    assert reference.encode("is  Roy") == [1, 338, 29871, 15793]
+    assert fast.encode("is  Roy") == [1, 338, 259, 9588, 29891]
+    assert (fast.bos_id, fast.eos_id) == (1, 2)
+    for text in ["Hello this is a test", "Q: What is 2+2? A: 4.", "Read the story.\nAnswer:"]:
+        assert fast.encode(text, eos=True) == reference.encode(text, eos=True), text  # single spaces agree
+        assert fast.decode(fast.encode(text)) == text
+
+
+def test_asking_for_a_missing_backend_file(tmp_path):
+    shutil.copy(shared_path("weights", "stories260K_hf", "tokenizer.model"), tmp_path / "tokenizer.model")
+    with pytest.raises(TokenizerError, match="has no tokenizer.json, which the tokenizer.json tokenizer reads"):
+        load_tokenizer(str(tmp_path), backend="tokenizer.json")
+    with pytest.raises(TokenizerError, match="unknown tokenizer backend"):
+        load_tokenizer(str(tmp_path), backend="fast")
+
+
 # ---------------------------------------------------------------- errors
 
 def test_missing_directory(tmp_path):
