@@ -232,6 +232,8 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists: choose a new directory or pass overwrite=True")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a model directory: choose another path")
     tokenizer_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES] if tokenizer_dir else []
     tokenizer_files = [f for f in tokenizer_files if f.is_file()]
     if tokenizer_dir and not tokenizer_files:

@@ -29,6 +29,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())  # the bytes reach the disk before the name points at them
         os.chmod(tmp, ordinary_mode())
         os.replace(tmp, path)
     except BaseException:

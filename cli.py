@@ -49,6 +49,10 @@ def resolve_device(requested: str) -> str:
     """
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"--device {requested!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {requested}: CUDA is not available here; use --device cpu")
     return requested

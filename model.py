@@ -34,6 +34,11 @@ class CheckpointError(ValueError):
 # Config
 
 
+# The numbers each supported rope scaling reads from the config's rope_scaling / rope_parameters.
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -65,15 +70,21 @@ class LlamaConfig:
         if hf.get("hidden_act", activations[0]) not in activations:
             raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported for {model_type} "
                                   f"(expected {activations[0]})")
-        if model_type == "mistral" and hf.get("sliding_window") not in (None, 0) \
-                and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-            raise CheckpointError(f"sliding-window attention (window {hf['sliding_window']}) is not supported")
+        window = hf.get("sliding_window", 4096) if model_type == "mistral" else None  # transformers' default
+        if window not in (None, 0) and window < hf.get("max_position_embeddings", 0):
+            raise CheckpointError(f"sliding-window attention (window {window}) is not supported")
+        for unsupported in ("quantization_config", "use_bidirectional_attention"):
+            if hf.get(unsupported):
+                raise CheckpointError(f"{unsupported} is set: quantized or bidirectional checkpoints are not "
+                                      f"supported; use the original (unquantized, causal) model")
         # transformers 5 stores rope settings in rope_parameters; 4.x in rope_theta + rope_scaling.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)")
+        if rope_type not in ROPE_KEYS:
+            raise CheckpointError(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_KEYS)})")
+        if missing := [k for k in ROPE_KEYS[rope_type] if not isinstance(rope.get(k), (int, float))]:
+            raise CheckpointError(f"{rope_type} rope scaling needs the numbers {', '.join(missing)} in rope_scaling")
         heads = hf["num_attention_heads"]
         return cls(
             vocab_size=hf["vocab_size"],
@@ -341,6 +352,11 @@ class Llama(nn.Module):
             for key, tensor in read_safetensors(file):
                 if key.endswith("rotary_emb.inv_freq"):
                     continue
+                if key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # some exports of tied models store the shared matrix twice; transformers skips it
+                if key in expected and expected[key] in loaded:
+                    raise CheckpointError(f"{file.name}: {key} appears in more than one shard; the checkpoint "
+                                          f"is inconsistent: re-download it")
                 if key not in expected:
                     unexpected.append(key)
                     continue
@@ -378,6 +394,13 @@ class Llama(nn.Module):
         ends early once every row has stopped. Uses a KV cache: each step runs one token per row.
         """
         B = input_ids.shape[0]
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (B, T) with T >= 1 (at least a BOS), got {tuple(input_ids.shape)}")
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
+                             f"{max_new_tokens}, {temperature}, {top_p}")
+        if max_new_tokens == 0:
+            return input_ids.new_empty(B, 0)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), device=input_ids.device)
@@ -405,6 +428,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p  # smallest set whose mass reaches top_p
+    keep[:, 0] = True  # the most likely token always stays
     sorted_probs = sorted_probs * keep
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1), renormalised inside
     return order.gather(-1, choice).squeeze(-1)
@@ -458,7 +482,10 @@ def checkpoint_files(directory: Path) -> list[Path]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a shard index with a weight_map ({e!r}); re-download it") from None
         files = [directory / s for s in shards]
     elif (directory / "model.safetensors").is_file():
         files = [directory / "model.safetensors"]

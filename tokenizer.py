@@ -76,6 +76,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(texts)
 
     def _decode(self, ids: list[int], skip_special: bool) -> str:
+        ids = [i for i in ids if 0 <= i < self.vocab_size]  # a model's embedding may be larger than the vocab
         if skip_special:
             return self.sp.decode(ids)  # SentencePiece drops control tokens (BOS/EOS/pad) itself
         parts, run = [], []  # decode the runs between special tokens; show those as their text

@@ -251,7 +251,11 @@ def test_export_copies_tokenizer_and_refuses_to_overwrite(tmp_path, checkpoint):
     with pytest.raises(FileNotFoundError, match="tokenizer files"):
         lofit.export_merged(model, tmp_path / "other", tokenizer_dir=tmp_path / "merged" / "nothing")
     assert not (tmp_path / "other").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "tok"]
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file, not a model directory"):
+        lofit.export_merged(model, tmp_path / "afile", overwrite=True)
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "merged", "tok"]
 
 
 def test_adapter_module_names_are_reexported():

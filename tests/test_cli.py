@@ -16,6 +16,8 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere():
 def test_device_auto_follows_what_pytorch_sees():
     assert cli.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert cli.resolve_device("cpu") == "cpu"
+    with pytest.raises(cli.UsageError, match="--device 'gpu' is not a device name"):
+        cli.resolve_device("gpu")
 
 
 @pytest.mark.parametrize("main, argv", [

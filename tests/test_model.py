@@ -202,10 +202,66 @@ def test_wrong_shape(tmp_path):
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "llama3 rope scaling needs the numbers original_max_position_embeddings, low_freq_factor, high_freq_factor"),
+    ({"rope_scaling": {"type": "linear"}}, "linear rope scaling needs the numbers factor"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config is set"),
+    ({"model_type": "gemma", "hidden_act": "gelu", "use_bidirectional_attention": True},
+     "use_bidirectional_attention is set"),
+    ({"model_type": "mistral", "max_position_embeddings": 32768}, r"sliding-window attention \(window 4096\)"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(CheckpointError, match=message):
         LlamaConfig.from_hf({**make_hf_config(), **change})
+
+
+def test_null_rope_theta_is_the_default():
+    assert LlamaConfig.from_hf({**make_hf_config(), "rope_theta": None}).rope_theta == 10000.0
+
+
+def test_broken_shard_index(tmp_path):
+    path, _ = make_checkpoint(tmp_path, "llama2", max_shard_size="40KB")
+    index = path / "model.safetensors.index.json"
+    for content in ("{not json", json.dumps({"metadata": {}})):
+        index.write_text(content)
+        with pytest.raises(CheckpointError, match="is not a shard index with a weight_map"):
+            Llama.from_pretrained(path)
+
+
+def test_tensor_in_two_shards_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path, _ = make_checkpoint(tmp_path, "llama2", max_shard_size="40KB")
+    shards = sorted(path.glob("model-*.safetensors"))
+    first, last = load_file(shards[0]), load_file(shards[-1])
+    name = next(iter(last))
+    save_file({**first, name: torch.zeros_like(last[name])}, shards[0], metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{name} appears in more than one shard"):
+        Llama.from_pretrained(path)
+
+
+def test_tied_model_with_a_stored_lm_head_loads_like_transformers(tmp_path):
+    from safetensors.torch import load_file, save_file
+    path, hf = make_checkpoint(tmp_path, "smollm2")  # tied embeddings
+    state = load_file(path / "model.safetensors")
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    ids = random_ids(128, 1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_pretrained(path)(ids), hf(ids).logits)
+
+
+def test_generate_argument_edges(tmp_path):
+    path, _ = make_checkpoint(tmp_path, "llama2")
+    model = Llama.from_pretrained(path)
+    ids = random_ids(128, 2, 5)
+    assert model.generate(ids, max_new_tokens=0).shape == (2, 0)
+    with pytest.raises(ValueError, match="at least a BOS"):
+        model.generate(ids[:, :0])
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        model.generate(ids, temperature=1.0, top_p=0.0)
+    tiny_p = model.generate(ids, max_new_tokens=4, temperature=1.0, top_p=1e-9)
+    assert torch.equal(tiny_p, model.generate(ids, max_new_tokens=4))  # only the top token survives: greedy
 
 
 def test_both_config_spellings():

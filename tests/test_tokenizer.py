@@ -134,6 +134,8 @@ def test_sentencepiece_decode(sp_model):
     ids = tok.encode("Hello world", eos=True)
     assert tok.decode(ids, skip_special=False) == "<s>Hello world</s>"
     assert tok.decode(ids[1:-1]) == sp.decode(ids[1:-1])
+    beyond = tok.vocab_size + 5  # a model whose embedding is larger than the tokenizer can emit such ids
+    assert tok.decode(ids[:2] + [beyond] + ids[2:]) == tok.decode(ids)
 
 
 def test_decode_accepts_a_tensor(sp_model):
