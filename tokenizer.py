@@ -131,7 +131,7 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
     """
     if backend not in BACKENDS:
         raise TokenizerError(f"unknown tokenizer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    directory = hub.resolve_model_dir(path_or_repo_id, token)
+    directory = hub.resolve_model_dir(path_or_repo_id, token, need_weights=False)
     sp_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
     if not sp_file.is_file() and not json_file.is_file():
         raise TokenizerError(f"{directory} has no tokenizer: expected tokenizer.model (SentencePiece) "
