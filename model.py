@@ -370,9 +370,11 @@ class Llama(nn.Module):
             raise CheckpointError(f"checkpoint {directory} does not match its config.json: "
                                   f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                                   f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-        for block in model.layers:  # LoFiT parameters start at zero: the base model
-            block.self_attn.lofit_A = nn.Parameter(torch.zeros_like(block.self_attn.lofit_A, device=device, dtype=dtype))
-            block.self_attn.lofit_v = nn.Parameter(torch.zeros_like(block.self_attn.lofit_v, device=device, dtype=dtype))
+        for block in model.layers:  # every lofit_* parameter starts at zero: the base model
+            attn = block.self_attn
+            for name, param in list(attn.named_parameters(recurse=False)):
+                if name.startswith("lofit_"):
+                    setattr(attn, name, nn.Parameter(torch.zeros_like(param, device=device, dtype=dtype)))
         model.load_state_dict(loaded, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight

@@ -216,6 +216,8 @@ def check_out_dir(args):
 
 def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
     """The ranking in a heads.json (ours), or a plain JSON list of [layer, head] pairs, best first."""
+    if not Path(path).is_file():
+        raise UsageError(f"--heads {path}: no such file")
     try:
         content = json.loads(Path(path).read_text())
         rows = content["ranking"] if isinstance(content, dict) else [{"layer": l, "head": h} for l, h in content]

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                  train_size=args.train_size, seed=args.seed)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2  # like train.py, eval.py and iti.py
     lines = [json.dumps({k: v for k, v in dataclasses.asdict(ex).items() if v not in ("", [], None)},
                         ensure_ascii=False) + "\n" for ex in examples]
     write_text_atomically(args.dump, "".join(lines))

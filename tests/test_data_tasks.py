@@ -265,7 +265,7 @@ def test_cli_dump_writes_the_examples(data_dir, tmp_path):
 
 def test_cli_error_exits_nonzero_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "x.jsonl"
-    assert cli_main(["--task", "mquake", "--split", "train", "--data-dir", str(tmp_path), "--dump", str(out)]) == 1
+    assert cli_main(["--task", "mquake", "--split", "train", "--data-dir", str(tmp_path), "--dump", str(out)]) == 2
     assert "mquake/train.jsonl" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit) as exit_info:

@@ -264,6 +264,25 @@ def test_generate_argument_edges(tmp_path):
     assert torch.equal(tiny_p, model.generate(ids, max_new_tokens=4))  # only the top token survives: greedy
 
 
+def test_a_new_lofit_parameter_loads_at_zero(tmp_path, monkeypatch):
+    """README's recipe for a new intervention: a zero lofit_* parameter beside lofit_A needs no loader change."""
+    import model as model_module
+    path, hf = make_checkpoint(tmp_path, "llama2")
+    original_init = model_module.Attention.__init__
+
+    def with_low_rank(self, config):
+        original_init(self, config)
+        self.lofit_U = torch.nn.Parameter(torch.zeros(config.n_heads, config.head_dim, 2))
+
+    monkeypatch.setattr(model_module.Attention, "__init__", with_low_rank)
+    model = Llama.from_pretrained(path)
+    U = model.layers[0].self_attn.lofit_U
+    assert U.device.type == "cpu" and U.shape[-1] == 2 and not U.any()
+    ids = random_ids(128, 1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits)
+
+
 def test_both_config_spellings():
     old = {**make_hf_config(), "rope_theta": 500000.0,
            "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

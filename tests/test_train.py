@@ -215,6 +215,8 @@ def test_heads_file_for_another_model_is_rejected(tmp_path, capsys):
     assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(heads), "--k", "2")) == 2
     assert "lists heads [(0, 1)] more than once" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(tmp_path / "nope.json"))) == 2
+    assert "--heads " + str(tmp_path / "nope.json") + ": no such file" in capsys.readouterr().err
     heads.write_text("not json")
     assert train.main(tiny_args("mquake", tmp_path / "out", "--heads", str(heads))) == 2
     assert "not a heads.json from train.py" in capsys.readouterr().err
