@@ -372,9 +372,9 @@ class Llama(nn.Module):
                                   f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         for block in model.layers:  # every lofit_* parameter starts at zero: the base model
             attn = block.self_attn
-            for name, param in list(attn.named_parameters(recurse=False)):
-                if name.startswith("lofit_"):
-                    setattr(attn, name, nn.Parameter(torch.zeros_like(param, device=device, dtype=dtype)))
+            for param_name, param in list(attn.named_parameters(recurse=False)):
+                if param_name.startswith("lofit_"):
+                    setattr(attn, param_name, nn.Parameter(torch.zeros_like(param, device=device, dtype=dtype)))
         model.load_state_dict(loaded, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
