@@ -12,8 +12,10 @@ reaches:
     oneDNN packed   torch.utils.mkldnn's prepacked linear
     fused           q/k/v as one (3 D, D) matrix and gate/up as one (2 I, D) matrix
     bf16            the same multiplies in bfloat16 (different numbers: for reference only)
+    compiled        with --compile: torch.compile, max-autotune, weights frozen as constants
+                    (inductor may pick its own C++ GEMM kernel over MKL; takes a minute or two)
 
-    python benchmarks/decode_gemm.py --threads 1
+    python benchmarks/decode_gemm.py --threads 1 [--compile]
 """
 from __future__ import annotations
 
@@ -44,10 +46,34 @@ def seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def compiled_step(weights: list[torch.Tensor], rows: dict[int, torch.Tensor]):
+    """The F.linear step compiled by inductor with max-autotune, the weights frozen into the graph."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    inductor_config.max_autotune = True
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linears = torch.nn.ModuleList()
+            for w in weights:
+                linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+                linear.weight = torch.nn.Parameter(w, requires_grad=False)
+                self.linears.append(linear)
+
+        def forward(self, x_model, x_inter):
+            return [linear(x_inter if linear.in_features == INTER else x_model) for linear in self.linears]
+
+    step = torch.compile(Step().eval())
+    no_grad = torch.no_grad()
+    return no_grad(lambda: step(rows[D], rows[INTER]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile max-autotune row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
@@ -77,6 +103,8 @@ def main() -> None:
         "bf16 (other numbers)": lambda: [torch.nn.functional.linear(bf16_rows[w.shape[1]], w) for w in bf16],
         "sum over the weights": lambda: flat.sum(),
     }
+    if args.compile:
+        ways["compiled (max-autotune, frozen)"] = compiled_step(weights, rows)
     print(f"{torch.__version__}, {args.threads} thread(s); {gigabytes:.2f} GB of fp32 weights x {ROWS} rows per step")
     print("| way | ms per step | GB/s of fp32 weights |")
     print("|---|---:|---:|")
