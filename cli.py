@@ -87,7 +87,8 @@ def existing_outputs(out: Path, output_files) -> list[str]:
 
 def add_tokenizer_flag(parser) -> None:
     """Add --tokenizer {auto, sentencepiece, tokenizer.json} (see tokenizer.load_tokenizer)."""
-    parser.add_argument("--tokenizer", choices=("auto", "sentencepiece", "tokenizer.json"), default="auto",
+    from tokenizer import BACKENDS
+    parser.add_argument("--tokenizer", choices=BACKENDS, default="auto",
                         help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
                              "else tokenizer.json; tokenizer.json: the fast tokenizer the original LoFiT "
                              "pipeline used (Llama-2 splits runs of spaces differently there)")

@@ -272,9 +272,10 @@ def check_args(args) -> list[int]:
     if args.out is not None:
         if args.out.is_dir():
             raise UsageError(f"--out {args.out} is a directory; give a file name such as {args.out / 'results.json'}")
-        if not args.out.parent.resolve().is_dir():
+        parent = args.out.parent.resolve()
+        if not parent.is_dir():
             raise UsageError(f"output directory {args.out.parent} does not exist; create it first")
-        if not os.access(args.out.parent.resolve(), os.W_OK):
+        if not os.access(parent, os.W_OK):
             raise UsageError(f"output directory {args.out.parent} is not writable; choose another --out")
     return folds
 

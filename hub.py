@@ -129,8 +129,7 @@ def _snapshot(repo_id: str, token: str | None, patterns: list[str], local_lookin
         raise HubError(f"could not download {repo_id}: the Hugging Face Hub answered HTTP {status} "
                        f"({' '.join(reason.split())}); try again later, or pass a local checkpoint directory") from None
     except LocalEntryNotFoundError as e:
-        what = f"{missing}could" if local_looking else "could"
-        raise HubError(f"{what} not reach the Hugging Face Hub (offline, or the Hub failed) and {repo_id} is not "
+        raise HubError(f"{missing}could not reach the Hugging Face Hub (offline, or the Hub failed) and {repo_id} is not "
                        f"in the local hub cache ({_cause(e)}); retry where the Hub is reachable, "
                        f"or pass a local checkpoint directory") from None
     except OSError as e:

@@ -430,7 +430,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p  # smallest set whose mass reaches top_p
-    keep[:, 0] = True  # the most likely token always stays
     sorted_probs = sorted_probs * keep
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1), renormalised inside
     return order.gather(-1, choice).squeeze(-1)

@@ -140,16 +140,11 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
     if wanted is not None and not wanted.is_file():
         raise TokenizerError(f"{directory} has no {wanted.name}, which the {backend} tokenizer reads; "
                              f"use the automatic choice (--tokenizer auto) instead")
-    if backend == "sentencepiece":
-        try:
-            return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_file=str(sp_file)))
-        except Exception as err:
-            raise TokenizerError(f"{sp_file} is not a readable SentencePiece model ({err})") from None
-    if sp_file.is_file() and backend == "auto":
+    if sp_file.is_file() and backend != "tokenizer.json":
         try:
             return SentencePieceTokenizer(sentencepiece.SentencePieceProcessor(model_file=str(sp_file)))
         except Exception as err:  # not a SentencePiece model (e.g. Llama-3's tiktoken file) or corrupt
-            if not json_file.is_file():
+            if backend == "sentencepiece" or not json_file.is_file():
                 raise TokenizerError(f"{sp_file} is not a readable SentencePiece model ({err}); "
                                      f"replace it with the model's original tokenizer.model") from None
     return _load_tokenizer_json(directory)
