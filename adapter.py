@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from atomic import ordinary_mode, write_atomically
+from gguf_checkpoint import is_gguf, write_hf_tokenizer
 from model import hf_name
 
 FORMAT = "lofit-adapter"
@@ -221,8 +222,8 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     `model` itself is not changed. The directory holds config.json (attention_bias true when any
     o_proj needs a bias; q/k/v then get zero biases, since HF's flag covers all four projections),
     model.safetensors (HF tensor names, the model's dtype) and, from `tokenizer_dir`, the tokenizer
-    files found there. transformers' LlamaForCausalLM / GemmaForCausalLM and Llama.from_pretrained
-    load it. It is built in a temporary directory and renamed into place.
+    files found there (a .gguf file: its tokenizer, written as tokenizer.json). transformers'
+    LlamaForCausalLM / GemmaForCausalLM and Llama.from_pretrained load it. It is built in a temporary directory and renamed into place.
 
     Raises:
         FileExistsError: `out_dir` exists and overwrite is False.
@@ -234,9 +235,10 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
         raise FileExistsError(f"{out_dir} already exists: choose a new directory or pass overwrite=True")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a model directory: choose another path")
-    tokenizer_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES] if tokenizer_dir else []
+    from_gguf = tokenizer_dir is not None and is_gguf(tokenizer_dir)  # a .gguf file: write its tokenizer
+    tokenizer_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES] if tokenizer_dir and not from_gguf else []
     tokenizer_files = [f for f in tokenizer_files if f.is_file()]
-    if tokenizer_dir and not tokenizer_files:
+    if tokenizer_dir and not from_gguf and not tokenizer_files:
         raise FileNotFoundError(f"{tokenizer_dir} has none of the tokenizer files {', '.join(TOKENIZER_FILES)}")
     cfg = model.config
     merged = {i: merged_o_proj(attn) for i, attn in enumerate(_attentions(model))}
@@ -266,6 +268,8 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
+        if from_gguf:
+            write_hf_tokenizer(tokenizer_dir, tmp)
         for f in tmp.iterdir():
             os.chmod(f, ordinary_mode())
         os.chmod(tmp, ordinary_mode(directory=True))  # mkdtemp makes it owner-only

@@ -234,7 +234,7 @@ def evaluate(model: Llama, tokenizer, task: str, examples: list[Example], *, bat
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory or hub id (a merged export too)")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory, hub id (a merged export too), or .gguf file")
     p.add_argument("--adapter", nargs="+", default=None,
                    help="LoFiT adapter file; with --fold both, one per fold (fold 0's first)")
     p.add_argument("--data-dir", default=None, help="local dataset directory (default: $LOFIT_DATA_DIR or download)")

@@ -324,7 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from data import TASKS
     p = argparse.ArgumentParser(description="ITI: probe-ranked heads shifted by alpha * sigma * u, no training.")
     p.add_argument("--task", default="truthfulqa", choices=TASKS, help="needs true and false answers: truthfulqa")
-    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory or hub id")
+    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory, hub id, or .gguf file")
     p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
     p.add_argument("--out", help="output directory (default runs/iti_<task>)")
     p.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (0 or 1)")

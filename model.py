@@ -334,13 +334,14 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, dtype: torch.dtype = torch.float32, device="cpu",
                         token: str | None = None) -> "Llama":
-        """Load an HF-format Llama checkpoint from a local directory or a hub repo id.
+        """Load a checkpoint: an HF-format directory or hub repo id, or a llama.cpp .gguf file.
 
-        The model is built on the meta device and each tensor is read from safetensors straight
-        into its final dtype and device, so a 7B model is never held twice. Loading is strict.
+        The model is built on the meta device and each tensor is read (safetensors: straight from
+        the file; GGUF: dequantized, gguf_checkpoint.py) into its final dtype and device, so a 7B
+        model is never held twice. Loading is strict: every tensor present, none left over.
         """
-        directory = resolve_model_dir(name, token)
-        config = read_config(directory)
+        config, tensors, where = open_checkpoint(name, token)
+        described_by = "its GGUF metadata" if str(where).endswith(".gguf") else "config.json"
         with torch.device("meta"):
             model = cls(config)
         state = {name: param for name, param in model.named_parameters()}
@@ -348,26 +349,25 @@ class Llama(nn.Module):
         expected = {hf_name(n): n for n in state if ".lofit_" not in n}
         loaded = {}
         unexpected = []
-        for file in checkpoint_files(directory):
-            for key, tensor in read_safetensors(file):
-                if key.endswith("rotary_emb.inv_freq"):
-                    continue
-                if key == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # some exports of tied models store the shared matrix twice; transformers skips it
-                if key in expected and expected[key] in loaded:
-                    raise CheckpointError(f"{file.name}: {key} appears in more than one shard; the checkpoint "
-                                          f"is inconsistent: re-download it")
-                if key not in expected:
-                    unexpected.append(key)
-                    continue
-                ours = expected[key]
-                if tuple(tensor.shape) != tuple(state[ours].shape):
-                    raise CheckpointError(f"{file.name}: {key} has shape {tuple(tensor.shape)}, "
-                                          f"config.json implies {tuple(state[ours].shape)}")
-                loaded[ours] = tensor.to(device=device, dtype=dtype)
+        for file, key, tensor in tensors:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            if key == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # some exports of tied models store the shared matrix twice; transformers skips it
+            if key in expected and expected[key] in loaded:
+                raise CheckpointError(f"{file}: {key} appears in more than one shard; the checkpoint "
+                                      f"is inconsistent: re-download it")
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            ours = expected[key]
+            if tuple(tensor.shape) != tuple(state[ours].shape):
+                raise CheckpointError(f"{file}: {key} has shape {tuple(tensor.shape)}, "
+                                      f"{described_by} implies {tuple(state[ours].shape)}")
+            loaded[ours] = tensor.to(device=device, dtype=dtype)
         missing = sorted(set(expected) - {hf_name(n) for n in loaded})
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint {directory} does not match its config.json: "
+            raise CheckpointError(f"checkpoint {where} does not match {described_by}: "
                                   f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                                   f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         for block in model.layers:  # every lofit_* parameter starts at zero: the base model
@@ -459,6 +459,31 @@ def positions_and_mask(attention_mask, B: int, past: int, T: int, device):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoint files
+
+
+def open_checkpoint(name, token: str | None = None):
+    """(config, tensors, where) of a checkpoint; tensors yields (file name, HF tensor name, tensor).
+
+    `name` is a .gguf file (read by gguf_checkpoint.py) or what hub.resolve_model_dir accepts.
+    """
+    import gguf_checkpoint  # imported here, not at the top: it builds on this module
+    if gguf_checkpoint.is_gguf(name):
+        reader = gguf_checkpoint.open_gguf(name)
+        config = gguf_checkpoint.read_gguf_config(reader)
+        tensors = ((Path(name).name, k, t) for k, t in gguf_checkpoint.read_gguf_tensors(reader, config))
+        return config, tensors, Path(name)
+    directory = resolve_model_dir(name, token)
+    config = read_config(directory)  # first: a missing config.json is the clearer message
+    tensors = ((file.name, key, t) for file in checkpoint_files(directory) for key, t in read_safetensors(file))
+    return config, tensors, directory
+
+
+def read_model_config(name, token: str | None = None) -> LlamaConfig:
+    """The config of a checkpoint directory, hub repo id or .gguf file, without reading its weights."""
+    import gguf_checkpoint
+    if gguf_checkpoint.is_gguf(name):
+        return gguf_checkpoint.read_gguf_config(gguf_checkpoint.open_gguf(name))
+    return read_config(resolve_model_dir(name, token))
 
 
 def hf_name(name: str) -> str:

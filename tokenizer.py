@@ -117,7 +117,8 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
     """Load the tokenizer of a checkpoint directory or hub repo id.
 
     Args:
-        path_or_repo_id: local checkpoint directory or Hugging Face repo id (see ``hub.resolve_model_dir``).
+        path_or_repo_id: local checkpoint directory, Hugging Face repo id (see ``hub.resolve_model_dir``),
+            or a llama.cpp .gguf file (its vocabulary and merges, see gguf_checkpoint.py).
         token: optional hub token for gated or private repos.
         backend: "auto" (SentencePiece if it can read ``tokenizer.model``, else ``tokenizer.json``),
             or "sentencepiece" / "tokenizer.json" to insist on one.
@@ -131,6 +132,12 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
     """
     if backend not in BACKENDS:
         raise TokenizerError(f"unknown tokenizer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    import gguf_checkpoint  # imported here, not at the top: it builds on this module
+    if gguf_checkpoint.is_gguf(path_or_repo_id):
+        if backend == "sentencepiece":
+            raise TokenizerError(f"{path_or_repo_id} is a GGUF file: its tokenizer is byte-level BPE, not "
+                                 f"SentencePiece; use --tokenizer auto")
+        return gguf_checkpoint.gguf_tokenizer(gguf_checkpoint.open_gguf(path_or_repo_id), Path(path_or_repo_id).name)
     directory = hub.resolve_model_dir(path_or_repo_id, token, need_weights=False)
     sp_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
     if not sp_file.is_file() and not json_file.is_file():

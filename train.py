@@ -50,11 +50,11 @@ from atomic import write_atomically, write_json_atomically
 from cli import UsageError, add_tokenizer_flag, existing_outputs, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
 from eval import evaluate
-from hub import HubError, resolve_model_dir
+from hub import HubError
 from iti import fit_iti
 from lofit import (AdapterError, HeadScore, answer_logprobs, ce_loss, dpo_loss, l1_penalty, offsets_disabled,
                    rank_heads, save_adapter, select_heads, setup_stage1, setup_stage2, trainable_count)
-from model import CheckpointError, Llama, read_config
+from model import CheckpointError, Llama, read_model_config
 from tokenizer import TokenizerError, load_tokenizer
 
 OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json",
@@ -133,7 +133,7 @@ def resolve_hparams(args, config, device_type: str) -> Hparams:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LoFiT: stage 1 (head selection), stage 2 (bias tuning), evaluation.")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory or hub id")
+    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory, hub id, or .gguf file")
     p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
     p.add_argument("--out", help="output directory (default runs/<task>)")
     p.add_argument("--stage", choices=("1", "2", "both"), help="default: both, or 2 when heads come from elsewhere")
@@ -525,8 +525,7 @@ def run_pipeline(args, d: Dist) -> int:
     """Everything after the flags are valid: check files, load, train, select, train, evaluate, write."""
     started = time.time()
     check_out_dir(args)
-    model_dir = resolve_model_dir(args.model)
-    config = read_config(model_dir)
+    config = read_model_config(args.model)
     hp = resolve_hparams(args, config, d.device.type)
     given = read_heads_file(args.heads, config) if args.heads else None
     if given is not None and hp.k > len(given):
@@ -538,7 +537,7 @@ def run_pipeline(args, d: Dist) -> int:
     out = Path(args.out)
     resume = load_checkpoint(out, key) if args.resume else None
     record = {"flags": vars(args), "resolved": asdict(hp), "world_size": d.world, "device": str(d.device),
-              "model_dir": str(model_dir), "versions": {"python": platform.python_version(),
+              "versions": {"python": platform.python_version(),
                                                         "torch": torch.__version__}}
     tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
     examples = load_examples(args.task, "train", fold=args.fold, data_dir=args.data_dir,
