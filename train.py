@@ -157,6 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, help="training examples to draw (default: the task's; 0 = all)")
     p.add_argument("--limit-eval", type=int, help="evaluate on the first N test examples only")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (score it later with eval.py)")
     add_tokenizer_flag(p)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on GPU, float32 on CPU")
@@ -531,7 +532,7 @@ def run_pipeline(args, d: Dist) -> int:
     if given is not None and hp.k > len(given):
         raise UsageError(f"K = {hp.k} but --heads {args.heads} ranks only {len(given)} heads; pass a smaller --k")
     control = {"out", "overwrite", "resume", "stop_after", "micro_batch_size", "limit_eval", "eval_batch_size",
-               "device"}
+               "device", "no_eval"}
     key = {**{k: v for k, v in vars(args).items() if k not in control},
            **{k: v for k, v in asdict(hp).items() if k != "source"}}
     out = Path(args.out)
@@ -592,11 +593,12 @@ def run_pipeline(args, d: Dist) -> int:
         log(d, f"stopped after {run.epochs_run} epoch(s) as asked (--stop-after); "
                f"continue with the same flags and --resume")
         return 0
-    result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size, progress=d.main)
-    metrics["test"] = result["summary"]
-    log(d, "test: " + json.dumps(result["summary"]))
-    if d.main:
-        write_json_atomically(out / "eval_details.json", result["details"])
+    if not args.no_eval:
+        result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size, progress=d.main)
+        metrics["test"] = result["summary"]
+        log(d, "test: " + json.dumps(result["summary"]))
+        if d.main:
+            write_json_atomically(out / "eval_details.json", result["details"])
     return finish(run, model, selected, metrics, record, started, stage=2)
 
 

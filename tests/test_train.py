@@ -335,3 +335,10 @@ def test_truthfulqa_adapter_records_its_fold_and_eval_refuses_the_leaking_fold(t
     assert evaluation.main(common + ["--fold", "0", "--out", str(tmp_path / "leak.json")]) == 2
     assert not (tmp_path / "leak.json").exists()
     assert evaluation.main(common + ["--fold", "1", "--out", str(tmp_path / "ok.json")]) == 0
+
+
+def test_no_eval_writes_the_adapter_without_test_metrics(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(tiny_args("mquake", out, "--no-eval")) == 0
+    assert (out / "adapter.safetensors").is_file() and not (out / "eval_details.json").exists()
+    assert "test" not in json.loads((out / "metrics.json").read_text())
