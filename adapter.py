@@ -1,19 +1,23 @@
 """What LoFiT training leaves behind: adapter files, and offsets merged into o_proj.
 
-An adapter file is a small safetensors file with only the selected heads' vectors:
+An adapter file is a small safetensors file with only the selected heads' rows of every offset:
 
     heads (K, 2) int64   the (layer, head) pairs, in selection order
     v     (K, head_dim)  their bias offsets
     A     (K, head_dim)  their scale offsets (present when any is non-zero, e.g. after stage 1)
+    <name> (K, ...)      the rows of any other `lofit_<name>` parameter of the installed form
 
 and string metadata (JSON where structured): format, format_version, base_model, config (the base
 model's LlamaConfig.fingerprint()), config_sha256, stage, task, hparams, heads, complete (false
-when the model had non-zero offsets outside `heads`, which the file then lacks). Loading checks
-the file against the model and names both when they differ.
+when the model had non-zero offsets outside `heads`, which the file then lacks), intervention
+(the form's name and hyperparameters; version 2 files only). Loading checks the file against the
+model and names both when they differ. Every `lofit_*` parameter is found by name (lofit.py), so
+a new form needs nothing here; an offset that is not stored per head is refused, not dropped.
 
 Merging: o_proj is linear, so for head h's slice z_h of its input,
     W_o [(1 + A) * z + v] + b  =  (W_o diag(1 + A)) z + (b + W_o v)
 i.e. the scale folds into W_o's input columns and the bias into o_proj's bias: zero overhead.
+Another form folds itself in first (Intervention.merge); one that cannot is refused.
 """
 from __future__ import annotations
 
@@ -30,20 +34,17 @@ import torch.nn as nn
 
 from atomic import ordinary_mode, write_atomically
 from gguf_checkpoint import is_gguf, write_hf_tokenizer
+from lofit import LoFiT, attentions, check_heads, install, intervention_of, make_intervention, offset_parameters
 from model import hf_name
 
 FORMAT = "lofit-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the intervention field; LoFiT-only files are still written as 1
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
 
 class AdapterError(ValueError):
     """An adapter file that cannot be read, or that does not fit the model; the message says why."""
-
-
-def _attentions(model) -> list[nn.Module]:
-    return [block.self_attn for block in model.layers]
 
 
 def _config_json(model) -> dict:
@@ -71,26 +72,35 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
     Warns when the model has non-zero offsets on heads not in `heads` (the file cannot reproduce it).
     """
     from safetensors.torch import save_file
-    from lofit import check_heads
     n_layers, n_heads = model.config.n_layers, model.config.n_heads
-    heads = [(l, h) for l in range(n_layers) for h in range(n_heads)] if heads is None else check_heads(model, heads)
-    attns = _attentions(model)
-    v = torch.stack([attns[l].lofit_v[h] for l, h in heads]).detach().cpu()  # (K, hd)
-    A = torch.stack([attns[l].lofit_A[h] for l, h in heads]).detach().cpu()  # (K, hd)
-    tensors = {"heads": torch.tensor(heads, dtype=torch.int64).reshape(-1, 2), "v": v.contiguous()}
-    if stage == 1 or A.any():
-        tensors["A"] = A.contiguous()
+    every = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    heads = every if heads is None else check_heads(model, heads)
+    attns = attentions(model)
+    form = intervention_of(model)
+    tensors = {"heads": torch.tensor(heads, dtype=torch.int64).reshape(-1, 2)}
+    for name, p in offset_parameters(attns[0]).items():
+        if p.dim() == 0 or p.shape[0] != n_heads:
+            raise AdapterError(f"{name} has shape {tuple(p.shape)}: an adapter stores one row per head, so its "
+                               f"first dimension must be n_heads ({n_heads}); save_adapter cannot store it")
+        rows = torch.stack([attns[layer].get_parameter(name)[h] for layer, h in heads]).detach().cpu()  # (K, ...)
+        key = name.removeprefix("lofit_")
+        if key in ("v",) or (key == "A" and (stage == 1 or rows.any())) or key not in ("A", "v"):
+            tensors[key] = rows.contiguous()
     chosen = set(heads)
-    left_out = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in chosen
-                and (attns[l].lofit_A[h].any() or attns[l].lofit_v[h].any())]
+    left_out = [(layer, h) for layer, h in every if (layer, h) not in chosen
+                and any(p[h].any() for p in offset_parameters(attns[layer]).values())]
     if left_out:
         warnings.warn(f"{len(left_out)} heads outside the {len(heads)} saved have non-zero offsets "
                       f"(e.g. {left_out[:3]}); the adapter {path} will not reproduce this model exactly")
     config = _config_json(model)
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "base_model": str(model.source or ""),
+    lofit_only = isinstance(form, LoFiT)
+    metadata = {"format": FORMAT, "format_version": str(1 if lofit_only else FORMAT_VERSION),
+                "base_model": str(model.source or ""),
                 "config": json.dumps(config, sort_keys=True), "config_sha256": _sha(config),
                 "stage": str(int(stage)), "task": str(task), "hparams": json.dumps(hparams or {}, sort_keys=True),
                 "heads": json.dumps(heads), "complete": json.dumps(not left_out)}
+    if not lofit_only:  # older readers refuse version 2 rather than load the file without the form
+        metadata["intervention"] = json.dumps({"name": form.name, **form.hparams()}, sort_keys=True)
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -120,9 +130,10 @@ def read_adapter(path) -> tuple[dict, dict]:
     try:
         meta = {**raw, "format_version": version, "stage": int(raw["stage"]),
                 "config": json.loads(raw["config"]), "hparams": json.loads(raw["hparams"]),
-                "heads": [tuple(h) for h in json.loads(raw["heads"])], "complete": json.loads(raw["complete"])}
-        if not (isinstance(meta["config"], dict) and isinstance(meta["hparams"], dict)):
-            raise ValueError("config and hparams must be JSON objects")
+                "heads": [tuple(h) for h in json.loads(raw["heads"])], "complete": json.loads(raw["complete"]),
+                "intervention": json.loads(raw.get("intervention", '{"name": "lofit"}'))}
+        if not all(isinstance(meta[k], dict) for k in ("config", "hparams", "intervention")):
+            raise ValueError("config, hparams and intervention must be JSON objects")
     except (KeyError, ValueError, TypeError) as e:
         raise AdapterError(f"{broken} ({e!r}); write the adapter again") from None
     return tensors, meta
@@ -148,28 +159,46 @@ def load_adapter(path, model) -> dict:
         raise AdapterError(f"adapter {path} was trained on {meta['base_model'] or 'an unnamed model'!r} "
                            f"(config {meta['config_sha256']}), which does not fit {model.source or 'this model'!r} "
                            f"(config {_sha(ours)}): " + "; ".join(diff))
-    heads, v, A = tensors.get("heads"), tensors.get("v"), tensors.get("A")
-    K, hd = len(meta["heads"]), model.config.head_dim
-    if heads is None or v is None or tuple(heads.shape) != (K, 2) or tuple(v.shape) != (K, hd) \
-            or (A is not None and tuple(A.shape) != (K, hd)) or [tuple(h) for h in heads.tolist()] != meta["heads"]:
-        raise AdapterError(f"{path} is inconsistent: expected heads ({K}, 2), v and A ({K}, {hd}) matching "
-                           f"its metadata; write the adapter again")
+    if getattr(model, "lofit_merged", False):
+        raise AdapterError(f"this model already has offsets merged into o_proj, so {path} would stack on them; "
+                           f"load the base model again")
+    settings = dict(meta["intervention"])
+    try:
+        form = make_intervention(settings.pop("name", "lofit"), **settings)
+    except ValueError as e:
+        raise AdapterError(f"{path}: {e}; import the file that defines it first (eval.py --intervention FILE)") \
+            from None
+    heads, K = tensors.get("heads"), len(meta["heads"])
+    if heads is None or tuple(heads.shape) != (K, 2) or [tuple(h) for h in heads.tolist()] != meta["heads"] \
+            or "v" not in tensors:
+        raise AdapterError(f"{path} is inconsistent: expected heads ({K}, 2) and v matching its metadata; "
+                           f"write the adapter again")
     n_layers, n_heads = model.config.n_layers, model.config.n_heads
-    if any(not (0 <= l < n_layers and 0 <= h < n_heads) for l, h in meta["heads"]):
+    if any(not (0 <= layer < n_layers and 0 <= h < n_heads) for layer, h in meta["heads"]):
         raise AdapterError(f"{path} names heads outside {model.source or 'this model'!r} "
                            f"({n_layers} layers x {n_heads} heads)")
     if meta["base_model"] and model.source and Path(meta["base_model"]).name != Path(str(model.source)).name:
         warnings.warn(f"adapter {path} was trained on {meta['base_model']!r}, loading it onto {model.source!r} "
                       f"(same architecture; make sure the weights are the same model)")
-    attns = _attentions(model)
+    install(model, form)
+    attns = attentions(model)
+    ours = offset_parameters(attns[0])
+    for key, t in tensors.items():
+        p = ours.get("lofit_" + key)
+        if key != "heads" and (p is None or tuple(t.shape) != (K, *p.shape[1:])):
+            want = "no such offset" if p is None else f"rows of {tuple(p.shape[1:])}"
+            raise AdapterError(f"{path} is inconsistent: its tensor {key} {tuple(t.shape)} does not fit the "
+                               f"{form.name} intervention ({want}); write the adapter again")
     with torch.no_grad():
         for attn in attns:
-            attn.lofit_A.zero_()
-            attn.lofit_v.zero_()
-        for i, (l, h) in enumerate(meta["heads"]):
-            attns[l].lofit_v[h] = v[i].to(attns[l].lofit_v.device, attns[l].lofit_v.dtype)
-            if A is not None:
-                attns[l].lofit_A[h] = A[i].to(attns[l].lofit_A.device, attns[l].lofit_A.dtype)
+            for p in offset_parameters(attn).values():
+                p.zero_()
+        for key, t in tensors.items():
+            if key == "heads":
+                continue
+            for i, (layer, h) in enumerate(meta["heads"]):
+                p = attns[layer].get_parameter("lofit_" + key)
+                p[h] = t[i].to(p.device, p.dtype)
     return meta
 
 
@@ -177,43 +206,63 @@ def load_adapter(path, model) -> dict:
 # Merging into o_proj
 
 
-def merged_o_proj(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """o_proj's (weight (D, H*hd), bias (D,) or None) with this layer's A and v folded in.
+def merged_o_proj(attn: nn.Module, form=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o_proj's (weight (D, H*hd), bias (D,) or None) with this layer's offsets folded in.
 
+    The installed form's edit runs last, so it folds in first (form.merge), then A and v.
     Computed in fp64 and rounded once to the weight's dtype. The bias is None only when o_proj
-    had none and v is zero.
+    had none and nothing gave it one.
     """
     W = attn.o_proj.weight.detach()
     b = attn.o_proj.bias
     if not attn.lofit_enabled:
         return W, (None if b is None else b.detach())
+    weight, bias = W.double(), (None if b is None else b.detach().double())
+    if attn.lofit_edit is not None:
+        weight, bias = form.merge(attn, weight, bias)
     scale = 1 + attn.lofit_A.detach().double().reshape(-1)  # (H*hd,)
     v = attn.lofit_v.detach().double().reshape(-1)  # (H*hd,): heads concatenated, as o_proj's input
-    weight = (W.double() * scale).to(W.dtype)  # column j of W_o times (1 + A)_j
-    if b is None and not v.any():
-        return weight, None
-    bias = W.double() @ v + (0 if b is None else b.detach().double())  # (D,): b + W_o v
-    return weight, bias.to(W.dtype)
+    if bias is not None or v.any():
+        bias = weight @ v + (0 if bias is None else bias)  # (D,): b + W_o v
+    weight = weight * scale  # column j of W_o times (1 + A)_j
+    return weight.to(W.dtype), (None if bias is None else bias.to(W.dtype))
+
+
+def _check_mergeable(model) -> object:
+    form = intervention_of(model)
+    if not form.mergeable:
+        raise AdapterError(f"the {form.name} intervention has no exact merge into o_proj, so it cannot be merged "
+                           f"or exported as a plain checkpoint; evaluate it as an adapter (eval.py --adapter)")
+    return form
 
 
 def merge_offsets(model) -> None:
-    """Fold every layer's A and v into its o_proj, in place; A and v are 0 afterwards.
+    """Fold every layer's offsets (A, v and the installed form's) into its o_proj, in place; all are 0 afterwards.
 
     The model then computes the same function (up to one rounding of the merged weights) with no
     LoFiT arithmetic. An o_proj without bias gets one when its layer's v is non-zero. Offsets that
     are switched off (lofit_enabled False) are not in effect, so they are not merged: they are
     dropped. Works on an unsharded model (not on FSDP-wrapped blocks).
+
+    Raises:
+        AdapterError: the form has no merge (Intervention.mergeable False), or the model was merged
+            already (a second merge would stack whatever was loaded since on the merged weights).
     """
+    form = _check_mergeable(model)
+    if getattr(model, "lofit_merged", False):
+        raise AdapterError("this model's offsets were merged into o_proj already; merging again would stack "
+                           "offsets on merged weights: load the base model again")
     with torch.no_grad():
-        for attn in _attentions(model):
-            weight, bias = merged_o_proj(attn)
+        for attn in attentions(model):
+            weight, bias = merged_o_proj(attn, form)
             attn.o_proj.weight.copy_(weight)
             if bias is not None and attn.o_proj.bias is None:
                 attn.o_proj.bias = nn.Parameter(bias, requires_grad=attn.o_proj.weight.requires_grad)
             elif bias is not None:
                 attn.o_proj.bias.copy_(bias)
-            attn.lofit_A.zero_()
-            attn.lofit_v.zero_()
+            for p in offset_parameters(attn).values():
+                p.zero_()
+    model.lofit_merged = True
 
 
 def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -> Path:
@@ -226,6 +275,7 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     LlamaForCausalLM / GemmaForCausalLM and Llama.from_pretrained load it. It is built in a temporary directory and renamed into place.
 
     Raises:
+        AdapterError: the installed form has no merge into o_proj.
         FileExistsError: `out_dir` exists and overwrite is False.
         FileNotFoundError: `tokenizer_dir` holds none of the tokenizer files.
     """
@@ -240,8 +290,9 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     tokenizer_files = [f for f in tokenizer_files if f.is_file()]
     if tokenizer_dir and not from_gguf and not tokenizer_files:
         raise FileNotFoundError(f"{tokenizer_dir} has none of the tokenizer files {', '.join(TOKENIZER_FILES)}")
+    form = _check_mergeable(model)
     cfg = model.config
-    merged = {i: merged_o_proj(attn) for i, attn in enumerate(_attentions(model))}
+    merged = {i: merged_o_proj(attn, form) for i, attn in enumerate(attentions(model))}
     with_bias = cfg.attention_bias or any(b is not None for _, b in merged.values())
     state = {}
     for name, p in model.named_parameters():

@@ -9,7 +9,7 @@ same for every candidate of every question, so its KV cache is computed once and
 only pays for its own question and answer tokens (scores equal the full-prompt computation).
 MQuAKE and CLUTRR: exact match on greedy decoding of 16 tokens with LoFiT's extraction rules.
 SIQA, ARC-Challenge, BoolQ: greedy decoding, then the first answer keyword (LLM-Adapters' rule).
-Prompts: data/ and ../shared/docs/tasks.md. Metrics and extraction rules: metrics.py (re-exported here).
+Prompts: data/ and ../shared/docs/tasks.md. Metrics and extraction rules: metrics.py.
 """
 from __future__ import annotations
 
@@ -25,14 +25,10 @@ from tqdm import tqdm
 from atomic import write_json_atomically
 from cli import UsageError, add_tokenizer_flag, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, Example, load_examples
-from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
-                     mquake_prediction)
-from lofit import AdapterError, answer_logprobs, load_adapter
+from adapter import AdapterError, load_adapter
+from lofit import answer_logprobs
+from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 from model import KVCache, Llama
-
-__all__ = ["evaluate", "answer_scores", "generate_greedy", "mc_sequences", "shared_prefix_length",
-           "mc_metrics", "mean_over_folds", "mquake_prediction", "mquake_correct", "clutrr_extract",
-           "keyword_extract", "main"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from atomic import write_json_atomically
 from cli import UsageError, add_tokenizer_flag, existing_outputs, report_error, resolve_device, resolve_dtype
-from lofit import HeadScore, attentions, check_heads, offsets_disabled
+from lofit import LoFiT, HeadScore, attentions, check_heads, install, offsets_disabled, reset_offsets
 
 PROMPT = "Q: {question} A: {answer}"
 
@@ -249,17 +249,16 @@ def apply_iti(model, heads, u: torch.Tensor, sigma: torch.Tensor, alpha: float) 
     """Make `model` the ITI model: v[l, h] = alpha * sigma[l, h] * u[l, h] on `heads`, all else 0.
 
     Every A and every other v is set to 0, so the result is exactly a LoFiT stage-2 model (save it
-    with lofit.save_adapter, merge it with lofit.merge_offsets). alpha = 0 is the base model.
+    with adapter.save_adapter, merge it with adapter.merge_offsets). alpha = 0 is the base model.
 
     Args:
         model: A Llama, changed in place. heads: (layer, head) pairs, e.g. the top K of rank_heads_iti.
         u: (L, H, hd) unit directions. sigma: (L, H) spreads. alpha: The strength (ITI: 15).
     """
     heads = check_heads(model, heads)
+    install(model, LoFiT())  # ITI's shift is LoFiT's v; any other form is taken off
+    reset_offsets(model)
     with torch.no_grad():
-        for attn in attentions(model):
-            attn.lofit_A.zero_()
-            attn.lofit_v.zero_()
         for layer, head in heads:
             v = alpha * sigma[layer, head] * u[layer, head]  # (hd,)
             attn = attentions(model)[layer]
@@ -371,8 +370,9 @@ def check_args(args) -> ITISettings:
 def run(args) -> dict:
     """Load, fit ITI, write the adapter and heads, evaluate; return the metrics."""
     from data import load_examples
+    from adapter import save_adapter
     from eval import evaluate
-    from lofit import save_adapter, select_heads
+    from lofit import select_heads
     from model import Llama
     from tokenizer import load_tokenizer
 

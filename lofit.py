@@ -10,8 +10,13 @@ Every attention head h of layer l carries a scale offset A[l, h] and a bias offs
    (setup_stage2); every other head's v stays exactly zero.
 
 The task losses are here too: answer-only cross-entropy (ce_loss) and DPO (dpo_loss) on summed
-answer log-probs (answer_logprobs), with the base model as reference (offsets_disabled). Adapter
-files, merging into o_proj and exporting a merged checkpoint are in adapter.py (re-exported here).
+answer log-probs (answer_logprobs), with the base model as reference (offsets_disabled).
+
+Interventions: stage 2's edit is one registered form (`Intervention`, INTERVENTIONS): LoFiT's bias
+v by default, or another per-head edit of z with its own `lofit_*` parameters (examples/). Every
+`lofit_*` parameter is found by name, so resetting, freezing, gradient masks, the trainable count,
+adapter files and merging (adapter.py, which imports this module; never the other way) need no
+change for a new form.
 """
 from __future__ import annotations
 
@@ -21,9 +26,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from adapter import AdapterError, export_merged, load_adapter, merge_offsets, save_adapter  # noqa: F401
-
 
 class HeadScore(NamedTuple):
     """One head's stage-1 importance: ||A[layer, head]||_2."""
@@ -38,11 +40,178 @@ def attentions(model) -> list[nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Every lofit_* parameter, found by name
+
+
+def offset_parameters(attn: nn.Module) -> dict[str, nn.Parameter]:
+    """An attention module's intervention parameters: every `lofit_*` one (A, v, and any form's)."""
+    return {name: p for name, p in attn.named_parameters(recurse=False) if name.startswith("lofit_")}
+
+
+def reset_offsets(model) -> None:
+    """Every `lofit_*` parameter of every layer set to exactly 0: the base model again."""
+    with torch.no_grad():
+        for attn in attentions(model):
+            for p in offset_parameters(attn).values():
+                p.zero_()
+
+
+def _freeze_base(model) -> None:
+    """Every parameter frozen; every earlier gradient mask (of any form) removed."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for attn in attentions(model):
+        for hook, _ in getattr(attn, "lofit_masks", {}).values():
+            hook.remove()
+        attn.lofit_masks = {}
+
+
+def train_rows(attn: nn.Module, name: str, rows: list[int]) -> nn.Parameter:
+    """Make attn.<name> (n_heads, ...) trainable on head rows `rows` only; return the parameter.
+
+    A gradient hook zeroes the other rows' gradients. With those rows at zero and a zero gradient,
+    AdamW without weight decay (and gradient clipping) never moves them: they stay exactly 0.
+    """
+    param = getattr(attn, name)
+    keep = torch.zeros(attn.n_heads, dtype=torch.bool, device=param.device)  # (H,)
+    keep[rows] = True
+    shape = (attn.n_heads,) + (1,) * (param.dim() - 1)  # broadcast over each row's numbers
+    param.requires_grad_(True)
+    hook = param.register_hook(lambda grad: grad.masked_fill(~keep.view(shape).to(grad.device), 0))
+    attn.lofit_masks = {**getattr(attn, "lofit_masks", {}), name: (hook, sorted(rows))}
+    return param
+
+
+def trainable_count(model) -> int:
+    """Trainable numbers as the paper counts them: L*H*head_dim in stage 1, K*head_dim in stage 2.
+
+    A parameter with a gradient mask counts only its trainable rows (train_rows), whatever its form.
+    """
+    masked = {}
+    for attn in attentions(model):
+        for name, (_, rows) in getattr(attn, "lofit_masks", {}).items():
+            p = getattr(attn, name)
+            masked[id(p)] = len(rows) * (p.numel() // attn.n_heads)
+    return sum(masked.get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Interventions: what stage 2 trains on the selected heads
+
+
+class Intervention:
+    """One form of per-head edit of z (head h's output: its slice of o_proj's input), for stage 2.
+
+    A form is a dataclass (its fields are its hyperparameters; they travel in the adapter file) that
+    supplies:
+    - `parameters(config)`: the extra `lofit_<name>` tensors it needs in every attention module,
+      as {name: shape}; each shape starts with n_heads (one row per head), and all-zero must be
+      the base model exactly. `install` creates them at zero.
+    - `edit(attn, z)`: z (B, T, H, hd) -> the edited z, after LoFiT's (1 + A) * z + v. Runs only
+      while the form is installed.
+    - `setup(model, heads, init_std, generator)`: initialise and make trainable (train_rows) on
+      `heads` only; return the parameters to optimise. The base is frozen and every offset is 0
+      when it is called. A product of factors needs one factor non-zero, or no gradient flows.
+    - `merge(attn, weight, bias)`: where the form is affine in z, fold it into o_proj exactly:
+      (weight (D, H*hd), bias (D,) or None) that consume the edited z -> the pair that consumes
+      the unedited z, in fp64. A form that cannot be merged leaves `mergeable = False`.
+    Reset, saving, loading, gradient masks and the trainable count are generic over `lofit_*`.
+    """
+    name = "base"
+    mergeable = True
+
+    def parameters(self, config) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def edit(self, attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def setup(self, model, heads, init_std: float, generator) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def merge(self, attn: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
+        raise NotImplementedError
+
+    def hparams(self) -> dict:
+        """The form's settings, JSON-able: its dataclass fields."""
+        return dict(vars(self))
+
+
+INTERVENTIONS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a form available by its `name` (train.py --intervention NAME)."""
+    INTERVENTIONS[cls.name] = cls
+    return cls
+
+
+@register
+class LoFiT(Intervention):
+    """The paper's stage 2: the bias v of the selected heads (A stays 0), z -> z + v."""
+    name = "lofit"
+
+    def setup(self, model, heads, init_std, generator):
+        draws = _normal((len(heads), model.config.head_dim), init_std, generator, torch.empty(0))  # (K, hd)
+        params = []
+        with torch.no_grad():
+            for layer, attn in enumerate(attentions(model)):
+                rows = [(i, h) for i, (at, h) in enumerate(heads) if at == layer]
+                for i, h in rows:
+                    attn.lofit_v[h] = draws[i].to(attn.lofit_v.device, attn.lofit_v.dtype)
+                if rows:
+                    params.append(train_rows(attn, "lofit_v", [h for _, h in rows]))
+        return params
+
+    def merge(self, attn, weight, bias):
+        return weight, bias  # A and v are folded for every form (adapter.merged_o_proj)
+
+
+def make_intervention(name: str, **hparams) -> Intervention:
+    """The registered form `name` with these hyperparameters; ValueError naming the known forms."""
+    if name not in INTERVENTIONS:
+        raise ValueError(f"unknown intervention {name!r}; registered: {', '.join(sorted(INTERVENTIONS))} "
+                         f"(a new form registers itself with @lofit.register when its file is imported)")
+    try:
+        return INTERVENTIONS[name](**hparams)
+    except TypeError as e:
+        raise ValueError(f"intervention {name!r} does not take these settings {hparams}: {e}") from None
+
+
+def intervention_of(model) -> Intervention:
+    """The form installed on `model` (LoFiT unless `install` put another one there)."""
+    return getattr(model, "lofit_intervention", None) or LoFiT()
+
+
+def install(model, form: Intervention) -> Intervention:
+    """Put `form` on every attention module: its `lofit_*` parameters (created at 0) and its edit.
+
+    An earlier form's parameters and edit are removed first; LoFiT's A and v are always there.
+    Parameters are made like lofit_A (same device and dtype), so this works after loading and
+    after the blocks were wrapped (FSDP2 leaves lofit_* parameters alone).
+    """
+    old = intervention_of(model)
+    for attn in attentions(model):
+        for name in old.parameters(model.config):
+            delattr(attn, "lofit_" + name)
+        for name, shape in form.parameters(model.config).items():
+            if shape[0] != attn.n_heads:
+                raise ValueError(f"{form.name}: lofit_{name} has shape {shape}; a per-head parameter's first "
+                                 f"dimension is n_heads ({attn.n_heads})")
+            like = attn.lofit_A
+            attn.register_parameter("lofit_" + name, nn.Parameter(torch.zeros(shape, device=like.device,
+                                                                             dtype=like.dtype)))
+        attn.lofit_edit = form.edit if form.parameters(model.config) else None
+    model.lofit_intervention = form
+    return form
+
+
+# ----------------------------------------------------------------------------------------------
 # The two stages
 
 
 def setup_stage1(model, init_std: float = 1e-3, generator: torch.Generator | None = None) -> list[nn.Parameter]:
-    """Prepare head selection: base frozen, A ~ N(0, init_std) trainable for every head, v = 0 frozen.
+    """Prepare head selection: base frozen, A ~ N(0, init_std) trainable for every head, all else 0 frozen.
 
     Args:
         model: A Llama (model.py). Its parameters are changed in place, never replaced, so this
@@ -55,72 +224,45 @@ def setup_stage1(model, init_std: float = 1e-3, generator: torch.Generator | Non
         The trainable parameters: each layer's lofit_A (n_heads, head_dim), in layer order.
     """
     _freeze_base(model)
+    reset_offsets(model)
     params = []
     with torch.no_grad():
         for attn in attentions(model):
             attn.lofit_A.copy_(_normal(attn.lofit_A.shape, init_std, generator, attn.lofit_A))
-            attn.lofit_v.zero_()
             attn.lofit_A.requires_grad_(True)
             params.append(attn.lofit_A)
     return params
 
 
-def setup_stage2(model, heads, init_std: float = 1e-3, generator: torch.Generator | None = None) -> list[nn.Parameter]:
-    """Prepare bias tuning: base frozen, A = 0 frozen, v ~ N(0, init_std) trainable on `heads` only.
+def setup_stage2(model, heads, init_std: float = 1e-3, generator: torch.Generator | None = None,
+                 intervention: Intervention | None = None) -> list[nn.Parameter]:
+    """Prepare stage 2: base frozen, every offset 0, the form's parameters trainable on `heads` only.
 
-    Each layer's lofit_v (n_heads, head_dim) stays one ordinary parameter; a gradient hook zeroes
-    the rows of heads outside `heads`. With those rows at zero and a zero gradient, AdamW without
-    weight decay (and gradient clipping) never moves them: they stay exactly 0 through any number
-    of steps. The hook lives on the parameter object, so call this after anything that replaces
-    the parameters (Llama.from_pretrained does); moving them with `p.data = ...` keeps it.
+    With the default form (LoFiT) each layer's lofit_v (n_heads, head_dim) stays one ordinary
+    parameter, drawn ~ N(0, init_std) on `heads`; a gradient hook zeroes the rows of the other
+    heads, which stay exactly 0 through any number of steps (train_rows). The hook lives on the
+    parameter object, so call this after anything that replaces the parameters
+    (Llama.from_pretrained does); moving them with `p.data = ...` keeps it.
 
     Args:
         model: A Llama, changed in place.
-        heads: The selected (layer, head) pairs, e.g. select_heads(...); v is drawn in this order,
-            one (head_dim,) row per head, from `generator` (CPU).
-        init_std: Standard deviation of v's initialisation (the paper: 1e-3).
+        heads: The selected (layer, head) pairs, e.g. select_heads(...); LoFiT draws v in this
+            order, one (head_dim,) row per head, from `generator` (CPU).
+        init_std: Standard deviation of the initialisation (the paper: 1e-3).
+        intervention: The form to train (installed first); None keeps the installed one (LoFiT
+            unless `install` was called).
 
     Returns:
-        The lofit_v parameters of the layers that have a selected head, in layer order.
+        The parameters to optimise (LoFiT: the lofit_v of the layers with a selected head, in layer order).
 
     Raises:
         ValueError: `heads` is empty, repeats a head, or names one the model does not have.
     """
     heads = check_heads(model, heads)
+    form = install(model, intervention) if intervention is not None else intervention_of(model)
     _freeze_base(model)
-    draws = _normal((len(heads), model.config.head_dim), init_std, generator, torch.empty(0))  # (K, hd)
-    params = []
-    with torch.no_grad():
-        for layer, attn in enumerate(attentions(model)):
-            attn.lofit_A.zero_()
-            attn.lofit_v.zero_()
-            rows = [(i, h) for i, (l, h) in enumerate(heads) if l == layer]
-            for i, h in rows:
-                attn.lofit_v[h] = draws[i].to(attn.lofit_v.device, attn.lofit_v.dtype)
-            if rows:
-                _train_rows(attn, [h for _, h in rows])
-                params.append(attn.lofit_v)
-    return params
-
-
-def _freeze_base(model) -> None:
-    """Every parameter frozen; any earlier stage-2 gradient mask removed."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for attn in attentions(model):
-        hook = getattr(attn, "lofit_v_hook", None)
-        if hook is not None:
-            hook.remove()
-        attn.lofit_v_hook, attn.lofit_v_heads = None, None
-
-
-def _train_rows(attn: nn.Module, rows: list[int]) -> None:
-    """Make attn.lofit_v trainable on `rows` only (a hook zeroes the other rows' gradients)."""
-    keep = torch.zeros(attn.n_heads, 1, dtype=torch.bool, device=attn.lofit_v.device)  # (H, 1)
-    keep[rows] = True
-    attn.lofit_v.requires_grad_(True)
-    attn.lofit_v_hook = attn.lofit_v.register_hook(lambda grad: grad.masked_fill(~keep.to(grad.device), 0))
-    attn.lofit_v_heads = sorted(rows)
+    reset_offsets(model)
+    return form.setup(model, heads, init_std, generator)
 
 
 def _normal(shape, std: float, generator, like: torch.Tensor) -> torch.Tensor:
@@ -141,13 +283,6 @@ def check_heads(model, heads) -> list[tuple[int, int]]:
     if len(set(heads)) != len(heads):
         raise ValueError(f"heads repeat: {sorted(h for h in set(heads) if heads.count(h) > 1)[:5]}")
     return heads
-
-
-def trainable_count(model) -> int:
-    """Trainable numbers as the paper counts them: L*H*head_dim in stage 1, K*head_dim in stage 2."""
-    masked = {id(a.lofit_v): len(a.lofit_v_heads) * a.head_dim
-              for a in attentions(model) if getattr(a, "lofit_v_heads", None) is not None}
-    return sum(masked.get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def l1_penalty(model) -> torch.Tensor:

@@ -219,9 +219,10 @@ class Attention(nn.Module):
     """Multi-head (grouped-query) attention, where LoFiT edits each head's output.
 
     LoFiT (arXiv 2406.01563): head h's output z (its slice of o_proj's input) becomes
-    (1 + lofit_A[h]) * z + lofit_v[h] at every position. Both parameters are zero by default, which
-    is exactly the base model. `lofit_enabled = False` switches them off (e.g. for reference
-    log-probs) without touching their values.
+    (1 + lofit_A[h]) * z + lofit_v[h] at every position (`intervene`). Both parameters are zero by
+    default, which is exactly the base model. Another form of edit (lofit.Intervention) adds its own
+    `lofit_*` parameters and sets `lofit_edit`, which then runs right after. `lofit_enabled = False`
+    switches every edit off (e.g. for reference log-probs) without touching the values.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -235,6 +236,7 @@ class Attention(nn.Module):
         self.lofit_A = nn.Parameter(torch.zeros(self.n_heads, hd))  # per-head scale offset
         self.lofit_v = nn.Parameter(torch.zeros(self.n_heads, hd))  # per-head bias offset
         self.lofit_enabled = True
+        self.lofit_edit = None  # another form's edit, (attn, z) -> z; set by lofit.install
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
@@ -252,8 +254,15 @@ class Attention(nn.Module):
                                            enable_gqa=groups > 1 and mask is None)  # (B, H, T, hd)
         z = z.transpose(1, 2)  # (B, T, H, hd): z[:, :, h] is head h's output
         if self.lofit_enabled:
-            z = (1 + self.lofit_A) * z + self.lofit_v  # LoFiT: per-head scale and bias, (H, hd) broadcast
+            z = self.intervene(z)  # LoFiT: the per-head edit of the head outputs
         return self.o_proj(z.reshape(B, T, self.n_heads * self.head_dim))
+
+    def intervene(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, T, H, hd) edited per head: LoFiT's scale and bias, then any installed form's edit."""
+        z = (1 + self.lofit_A) * z + self.lofit_v  # LoFiT: per-head scale and bias, (H, hd) broadcast
+        if self.lofit_edit is not None:
+            z = self.lofit_edit(self, z)  # LoFiT: another form's edit (lofit.install), e.g. examples/
+        return z
 
 
 class MLP(nn.Module):

@@ -52,8 +52,9 @@ from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_c
 from eval import evaluate
 from hub import HubError
 from iti import fit_iti
-from lofit import (AdapterError, HeadScore, answer_logprobs, ce_loss, dpo_loss, l1_penalty, offsets_disabled,
-                   rank_heads, save_adapter, select_heads, setup_stage1, setup_stage2, trainable_count)
+from adapter import AdapterError, save_adapter
+from lofit import (HeadScore, answer_logprobs, ce_loss, dpo_loss, l1_penalty, offsets_disabled,
+                   rank_heads, select_heads, setup_stage1, setup_stage2, trainable_count)
 from model import CheckpointError, Llama, read_model_config
 from tokenizer import TokenizerError, load_tokenizer
 

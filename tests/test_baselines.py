@@ -14,7 +14,8 @@ import iti
 import train
 from conftest import shared_path
 from data import load_examples
-from lofit import load_adapter, select_heads
+from adapter import load_adapter
+from lofit import select_heads
 from model import Llama
 from tokenizer import load_tokenizer
 

@@ -10,7 +10,8 @@ import torch
 from conftest import shared_path
 from data import load_examples
 from data.truthfulqa import INSTRUCTION, QA_PRIMER
-from eval import answer_scores, evaluate, mc_sequences, mquake_prediction, clutrr_extract, shared_prefix_length
+from eval import answer_scores, evaluate, mc_sequences, shared_prefix_length
+from metrics import clutrr_extract, mquake_prediction
 from model import Llama
 from tokenizer import load_tokenizer
 

@@ -63,7 +63,7 @@ def test_gemma_train_and_eval_end_to_end(tiny_gemma, tmp_path):
     import eval as evaluation
     import train
     from adapter import export_merged
-    from lofit import load_adapter
+    from adapter import load_adapter
     data = str(shared_path("datasets"))
     out = tmp_path / "run"
     assert train.main(["--task", "mquake", "--model", str(tiny_gemma), "--data-dir", data, "--out", str(out),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import adapter
 import iti
 import lofit
 from conftest import shared_path
@@ -178,13 +179,13 @@ def test_iti_adapter_round_trips_and_merges_into_o_proj(tmp_path):
     iti.apply_iti(model, [(1, 2), (0, 0)], u, torch.rand(2, 4) + 0.5, alpha=15.0)
     ids = torch.randint(0, TINY.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
     with_offsets = model(ids)
-    lofit.save_adapter(tmp_path / "iti.safetensors", model, [(1, 2), (0, 0)], stage=2, task="truthfulqa",
+    adapter.save_adapter(tmp_path / "iti.safetensors", model, [(1, 2), (0, 0)], stage=2, task="truthfulqa",
                        hparams={"method": "iti"})
     fresh = tiny_model()
-    meta = lofit.load_adapter(tmp_path / "iti.safetensors", fresh)
+    meta = adapter.load_adapter(tmp_path / "iti.safetensors", fresh)
     assert meta["heads"] == [(1, 2), (0, 0)] and meta["hparams"]["method"] == "iti"
     assert torch.equal(fresh(ids), with_offsets)
-    lofit.merge_offsets(fresh)
+    adapter.merge_offsets(fresh)
     assert all(not attn.lofit_v.any() for attn in lofit.attentions(fresh))
     torch.testing.assert_close(fresh(ids), with_offsets, rtol=1e-5, atol=1e-5)
 

@@ -20,7 +20,7 @@ from conftest import ROOT, shared_path
 import train
 from data import collate, load_examples, tokenize_ce
 from eval import evaluate
-from lofit import load_adapter
+from adapter import load_adapter
 from model import Llama
 from tokenizer import load_tokenizer
 
