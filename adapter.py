@@ -3,9 +3,9 @@
 An adapter file is a small safetensors file with only the selected heads' rows of every offset:
 
     heads (K, 2) int64   the (layer, head) pairs, in selection order
-    v     (K, head_dim)  their bias offsets
+    v     (K, head_dim)  their bias offsets (in a file of another form: only when non-zero)
     A     (K, head_dim)  their scale offsets (present when any is non-zero, e.g. after stage 1)
-    <name> (K, ...)      the rows of any other `lofit_<name>` parameter of the installed form
+    <name> (K, ...)      the rows of every other `lofit_<name>` parameter: the installed form's
 
 and string metadata (JSON where structured): format, format_version, base_model, config (the base
 model's LlamaConfig.fingerprint()), config_sha256, stage, task, hparams, heads, complete (false
@@ -77,6 +77,7 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
     heads = every if heads is None else check_heads(model, heads)
     attns = attentions(model)
     form = intervention_of(model)
+    lofit_only = isinstance(form, LoFiT)
     tensors = {"heads": torch.tensor(heads, dtype=torch.int64).reshape(-1, 2)}
     for name, p in offset_parameters(attns[0]).items():
         if p.dim() == 0 or p.shape[0] != n_heads:
@@ -84,7 +85,8 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
                                f"first dimension must be n_heads ({n_heads}); save_adapter cannot store it")
         rows = torch.stack([attns[layer].get_parameter(name)[h] for layer, h in heads]).detach().cpu()  # (K, ...)
         key = name.removeprefix("lofit_")
-        if key in ("v",) or (key == "A" and (stage == 1 or rows.any())) or key not in ("A", "v"):
+        lofit_key = key in ("A", "v")  # LoFiT files always hold v, and A after stage 1; other forms' rows always
+        if not lofit_key or rows.any() or (lofit_only and (key == "v" or stage == 1)):
             tensors[key] = rows.contiguous()
     chosen = set(heads)
     left_out = [(layer, h) for layer, h in every if (layer, h) not in chosen
@@ -93,7 +95,6 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
         warnings.warn(f"{len(left_out)} heads outside the {len(heads)} saved have non-zero offsets "
                       f"(e.g. {left_out[:3]}); the adapter {path} will not reproduce this model exactly")
     config = _config_json(model)
-    lofit_only = isinstance(form, LoFiT)
     metadata = {"format": FORMAT, "format_version": str(1 if lofit_only else FORMAT_VERSION),
                 "base_model": str(model.source or ""),
                 "config": json.dumps(config, sort_keys=True), "config_sha256": _sha(config),
@@ -170,7 +171,7 @@ def load_adapter(path, model) -> dict:
             from None
     heads, K = tensors.get("heads"), len(meta["heads"])
     if heads is None or tuple(heads.shape) != (K, 2) or [tuple(h) for h in heads.tolist()] != meta["heads"] \
-            or "v" not in tensors:
+            or ("v" not in tensors and meta["format_version"] == 1):
         raise AdapterError(f"{path} is inconsistent: expected heads ({K}, 2) and v matching its metadata; "
                            f"write the adapter again")
     n_layers, n_heads = model.config.n_layers, model.config.n_heads

@@ -5,9 +5,13 @@
   GPU is visible, else the CPU and float32), and refusing --device cuda where there is no GPU.
 - existing_outputs: which of a script's output files an --out directory already holds.
 - add_tokenizer_flag: --tokenizer, the same in every script.
+- add_intervention_flags / resolve_intervention: --intervention NAME or FILE.py (a file that
+  registers a new form, e.g. examples/low_rank.py) and its --intervention-arg KEY=VALUE settings.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -92,3 +96,62 @@ def add_tokenizer_flag(parser) -> None:
                         help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
                              "else tokenizer.json; tokenizer.json: the fast tokenizer the original LoFiT "
                              "pipeline used (Llama-2 splits runs of spaces differently there)")
+
+
+def add_intervention_flags(parser, with_settings: bool = True) -> None:
+    """Add --intervention (and, for training, --intervention-arg KEY=VALUE, repeatable)."""
+    parser.add_argument("--intervention", default="lofit", metavar="NAME|FILE.py",
+                        help="stage 2's form: lofit (the paper's bias v; the default), another registered name, "
+                             "or a .py file that registers one (e.g. examples/low_rank.py)")
+    if with_settings:
+        parser.add_argument("--intervention-arg", action="append", default=[], metavar="KEY=VALUE",
+                            help="a setting of the form (value read as JSON, else text), e.g. rank=4")
+
+
+def import_intervention_file(path: str) -> list[str]:
+    """Import a .py file that registers forms with @lofit.register; return the names it registered."""
+    from lofit import INTERVENTIONS
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise UsageError(f"--intervention {path}: no such file")
+    module_name = f"intervention_{file.stem}_{abs(hash(str(file)))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name].registered_names
+    before = dict(INTERVENTIONS)
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    module.registered_names = [n for n, cls in INTERVENTIONS.items() if before.get(n) is not cls]
+    if not module.registered_names:
+        raise UsageError(f"--intervention {path} registers no form: decorate its class with @lofit.register")
+    return module.registered_names
+
+
+def resolve_intervention(spec: str, settings=()):
+    """The form --intervention names (a registered name, or the one form a .py file registers).
+
+    Raises:
+        UsageError: an unknown name, a file that registers no form or several, or bad settings.
+    """
+    from lofit import make_intervention
+    name = spec
+    if spec.endswith(".py"):
+        names = import_intervention_file(spec)
+        if len(names) != 1:
+            raise UsageError(f"--intervention {spec} registers {len(names)} forms ({', '.join(names)}); "
+                             f"import it and pass one of those names")
+        name = names[0]
+    values = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--intervention-arg {item!r}: write KEY=VALUE, e.g. rank=4")
+        try:
+            values[key] = json.loads(text)
+        except ValueError:
+            values[key] = text
+    try:
+        return make_intervention(name, **values)
+    except ValueError as e:
+        raise UsageError(f"--intervention: {e}") from None

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from atomic import write_json_atomically
-from cli import UsageError, add_tokenizer_flag, report_error, resolve_device, resolve_dtype
+from cli import UsageError, add_intervention_flags, add_tokenizer_flag, import_intervention_file, report_error, resolve_device, resolve_dtype
 from data import TASK_INFO, TASKS, DataError, Example, load_examples
 from adapter import AdapterError, load_adapter
 from lofit import answer_logprobs
@@ -239,6 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TruthfulQA fold; 'both' reports the mean over the two folds (default 0)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=int, default=8)
+    add_intervention_flags(p, with_settings=False)
     add_tokenizer_flag(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -283,6 +284,8 @@ def run(args) -> dict:
     from tokenizer import TokenizerError, load_tokenizer
 
     folds = check_args(args)
+    if args.intervention.endswith(".py"):  # registers the form the adapter names (its settings are in the adapter)
+        import_intervention_file(args.intervention)
     device = resolve_device(args.device)
     dtype = getattr(torch, resolve_dtype(args.dtype, device))
     try:

@@ -47,7 +47,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from atomic import write_atomically, write_json_atomically
-from cli import UsageError, add_tokenizer_flag, existing_outputs, report_error, resolve_device, resolve_dtype
+from cli import (UsageError, add_intervention_flags, add_tokenizer_flag, existing_outputs, report_error, resolve_device,
+                 resolve_dtype, resolve_intervention)
 from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
 from eval import evaluate
 from hub import HubError
@@ -142,6 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-selection", choices=("lofit", "random", "iti", "file"),
                    help="stage 2's heads: lofit (stage 1's ranking; the default), random (drawn with --seed), "
                         "iti (ITI probe accuracy; truthfulqa), file (--heads FILE; the default with --heads)")
+    add_intervention_flags(p)
     k = p.add_mutually_exclusive_group()
     k.add_argument("--k", type=int, help="number of heads for stage 2 (default: the paper's)")
     k.add_argument("--k-percent", type=float, help="K as a percentage of all heads")
@@ -529,6 +531,11 @@ def run_pipeline(args, d: Dist) -> int:
     check_out_dir(args)
     config = read_model_config(args.model)
     hp = resolve_hparams(args, config, d.device.type)
+    form = resolve_intervention(args.intervention, args.intervention_arg)
+    try:
+        form.parameters(config)
+    except ValueError as e:
+        raise UsageError(f"--intervention {form.name}: {e}") from None
     given = read_heads_file(args.heads, config) if args.heads else None
     if given is not None and hp.k > len(given):
         raise UsageError(f"K = {hp.k} but --heads {args.heads} ranks only {len(given)} heads; pass a smaller --k")
@@ -585,8 +592,8 @@ def run_pipeline(args, d: Dist) -> int:
         if args.stage == "1":
             return finish(run, model, selected, metrics, record, started, stage=1)
         params = setup_stage2(model, selected, init_std=args.init_std,
-                              generator=torch.Generator().manual_seed(args.seed))
-        metrics["trainable_parameters"] = trainable_count(model)  # K x head_dim
+                              generator=torch.Generator().manual_seed(args.seed), intervention=form)
+        metrics["trainable_parameters"] = trainable_count(model)  # LoFiT: K x head_dim
         extra = {"ranking": [list(r) for r in ranking], "source": source, "train_loss": metrics["train_loss"]}
         metrics["train_loss"]["stage2"] = train_stage(run, 2, model, params, data,
                                                       resume if resume and resume["stage"] == 2 else None, extra)
