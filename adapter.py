@@ -273,7 +273,8 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     o_proj needs a bias; q/k/v then get zero biases, since HF's flag covers all four projections),
     model.safetensors (HF tensor names, the model's dtype) and, from `tokenizer_dir`, the tokenizer
     files found there (a .gguf file: its tokenizer, written as tokenizer.json). transformers'
-    LlamaForCausalLM / GemmaForCausalLM and Llama.from_pretrained load it. It is built in a temporary directory and renamed into place.
+    LlamaForCausalLM / GemmaForCausalLM and Llama.from_pretrained load it. It is built in a
+    temporary directory and renamed into place.
 
     Raises:
         AdapterError: the installed form has no merge into o_proj.

@@ -22,14 +22,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from atomic import write_json_atomically
-from cli import UsageError, add_intervention_flags, add_tokenizer_flag, import_intervention_file, report_error, resolve_device, resolve_dtype
-from data import TASK_INFO, TASKS, DataError, Example, load_examples
 from adapter import AdapterError, load_adapter
+from atomic import write_json_atomically
+from cli import (
+    UsageError,
+    add_intervention_flags,
+    add_tokenizer_flag,
+    import_intervention_file,
+    report_error,
+    resolve_device,
+    resolve_dtype,
+)
+from data import TASK_INFO, TASKS, DataError, Example, load_examples
 from lofit import answer_logprobs
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 from model import KVCache, Llama
-
 
 # ----------------------------------------------------------------------------------------------
 # TruthfulQA: summed answer log-probs, batched, with the shared prefix cached once
@@ -230,7 +237,8 @@ def evaluate(model: Llama, tokenizer, task: str, examples: list[Example], *, bat
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory, hub id (a merged export too), or .gguf file")
+    p.add_argument("--model", required=True,
+                   help="HF-format checkpoint directory, hub id (a merged export too), or .gguf file")
     p.add_argument("--adapter", nargs="+", default=None,
                    help="LoFiT adapter file; with --fold both, one per fold (fold 0's first)")
     p.add_argument("--data-dir", default=None, help="local dataset directory (default: $LOFIT_DATA_DIR or download)")

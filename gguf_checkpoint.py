@@ -39,7 +39,8 @@ TENSOR_NAMES = {
        for g, h in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")},
     **{f"blk.{{i}}.ffn_{g}.weight": f"model.layers.{{i}}.mlp.{g}_proj.weight" for g in ("gate", "up", "down")},
 }
-_NAME_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in TENSOR_NAMES.items()]
+_NAME_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h)
+                  for g, h in TENSOR_NAMES.items()]
 
 # tokenizer.ggml.pre -> how text is split before BPE, as in each model's own tokenizer.json.
 #   "smollm": digits one by one (every \p{N} character alone), then GPT-2's byte-level regex.

@@ -102,8 +102,13 @@ def _cause(error: BaseException) -> str:
 def _snapshot(repo_id: str, token: str | None, patterns: list[str], local_looking: bool) -> str:
     """snapshot_download `patterns` of `repo_id`, turning every failure into a HubError."""
     import huggingface_hub
-    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
     token = token or os.environ.get("HF_TOKEN")
     # Read at call time so a test can stand in for the download.
     download = huggingface_hub.snapshot_download
@@ -129,8 +134,8 @@ def _snapshot(repo_id: str, token: str | None, patterns: list[str], local_lookin
         raise HubError(f"could not download {repo_id}: the Hugging Face Hub answered HTTP {status} "
                        f"({' '.join(reason.split())}); try again later, or pass a local checkpoint directory") from None
     except LocalEntryNotFoundError as e:
-        raise HubError(f"{missing}could not reach the Hugging Face Hub (offline, or the Hub failed) and {repo_id} is not "
-                       f"in the local hub cache ({_cause(e)}); retry where the Hub is reachable, "
+        raise HubError(f"{missing}could not reach the Hugging Face Hub (offline, or the Hub failed) and {repo_id} "
+                       f"is not in the local hub cache ({_cause(e)}); retry where the Hub is reachable, "
                        f"or pass a local checkpoint directory") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:

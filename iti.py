@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from atomic import write_json_atomically
 from cli import UsageError, add_tokenizer_flag, existing_outputs, report_error, resolve_device, resolve_dtype
-from lofit import LoFiT, HeadScore, attentions, check_heads, install, offsets_disabled, reset_offsets
+from lofit import HeadScore, LoFiT, attentions, check_heads, install, offsets_disabled, reset_offsets
 
 PROMPT = "Q: {question} A: {answer}"
 
@@ -105,7 +105,7 @@ def collect_head_activations(model, tokenizer, texts: list[str], batch_size: int
             out[where["texts"], layer] = z.view(-1, cfg.n_heads, cfg.head_dim).float().cpu()
         return hook
 
-    handles = [attn.o_proj.register_forward_pre_hook(reader(l)) for l, attn in enumerate(attentions(model))]
+    handles = [attn.o_proj.register_forward_pre_hook(reader(layer)) for layer, attn in enumerate(attentions(model))]
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     try:
@@ -209,7 +209,7 @@ def probe_accuracies(acts: torch.Tensor, labels: torch.Tensor, val_acts: torch.T
 def rank_heads_iti(accuracies: torch.Tensor) -> list[HeadScore]:
     """Heads by probe accuracy, best first, ties by (layer, head): the format of lofit.rank_heads."""
     L, H = accuracies.shape
-    ranking = [HeadScore(l, h, float(accuracies[l, h])) for l in range(L) for h in range(H)]
+    ranking = [HeadScore(layer, h, float(accuracies[layer, h])) for layer in range(L) for h in range(H)]
     return sorted(ranking, key=lambda r: (-r.score, r.layer, r.head))
 
 
@@ -323,7 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from data import TASKS
     p = argparse.ArgumentParser(description="ITI: probe-ranked heads shifted by alpha * sigma * u, no training.")
     p.add_argument("--task", default="truthfulqa", choices=TASKS, help="needs true and false answers: truthfulqa")
-    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory, hub id, or .gguf file")
+    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf",
+                   help="local checkpoint directory, hub id, or .gguf file")
     p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
     p.add_argument("--out", help="output directory (default runs/iti_<task>)")
     p.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (0 or 1)")
@@ -369,8 +370,8 @@ def check_args(args) -> ITISettings:
 
 def run(args) -> dict:
     """Load, fit ITI, write the adapter and heads, evaluate; return the metrics."""
-    from data import load_examples
     from adapter import save_adapter
+    from data import load_examples
     from eval import evaluate
     from lofit import select_heads
     from model import Llama
@@ -405,7 +406,8 @@ def run(args) -> dict:
     write_json_atomically(out / "heads.json", {
         "task": args.task, "model": args.model, "source": "ITI probe accuracy on the validation questions",
         "n_layers": config.n_layers, "n_heads": config.n_heads, "k": len(heads),
-        "selected": [list(h) for h in heads], "ranking": [{"layer": l, "head": h, "score": s} for l, h, s in ranking]})
+        "selected": [list(h) for h in heads],
+        "ranking": [{"layer": layer, "head": h, "score": s} for layer, h, s in ranking]})
     hparams = {"method": "iti", "k": settings.k, "alpha": settings.alpha, "probe_l2": settings.l2,
                "fold": args.fold, "seed": args.seed}
     save_adapter(out / "adapter.safetensors", model, heads, stage=2, task=args.task, hparams=hparams)
@@ -413,7 +415,7 @@ def run(args) -> dict:
                "probe_texts": {"train": probes.n_train, "val": probes.n_val},
                "probe_accuracy": {"selected_mean": sum(s for _, _, s in ranking[:settings.k]) / settings.k,
                                   "best": ranking[0].score},
-               "sigma_selected": [float(probes.sigma[l, h]) for l, h in heads]}
+               "sigma_selected": [float(probes.sigma[layer, h]) for layer, h in heads]}
     if not args.no_eval:
         test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit_eval]
         result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size)

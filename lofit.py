@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 class HeadScore(NamedTuple):
     """One head's stage-1 importance: ||A[layer, head]||_2."""
     layer: int

@@ -93,9 +93,10 @@ class HFTokenizersTokenizer(Tokenizer):
     """A ``tokenizer.json`` file read by the ``tokenizers`` library.
 
     BOS is what the file's own post-processor prepends (e.g. Llama-3's <|begin_of_text|>), or None if it
-    prepends nothing (GPT-2-style files such as SmolLM's). That is exactly when transformers adds one: it ignores ``add_bos_token``
-    in tokenizer_config.json whenever a tokenizer.json is present. EOS and pad come from tokenizer_config's
-    ``eos_token``/``pad_token`` (a string or {"content": ...}), else config.json's ``*_token_id``.
+    prepends nothing (GPT-2-style files such as SmolLM's). That is exactly when transformers adds one: it
+    ignores ``add_bos_token`` in tokenizer_config.json whenever a tokenizer.json is present. EOS and pad
+    come from tokenizer_config's ``eos_token``/``pad_token`` (a string or {"content": ...}), else
+    config.json's ``*_token_id``.
     """
 
     def __init__(self, backend, bos_id: int | None, eos_id: int, pad_id: int):
@@ -165,7 +166,8 @@ def _read_json(path: Path) -> dict:
 def _load_tokenizer_json(directory: Path) -> HFTokenizersTokenizer:
     try:
         backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
-        tok_config, model_config = _read_json(directory / "tokenizer_config.json"), _read_json(directory / "config.json")
+        tok_config = _read_json(directory / "tokenizer_config.json")
+        model_config = _read_json(directory / "config.json")
     except Exception as err:
         raise TokenizerError(f"{directory}/tokenizer.json (or its JSON configs) could not be read ({err}); "
                              f"replace them with the model's original files") from None

@@ -46,16 +46,35 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from adapter import AdapterError, save_adapter
 from atomic import write_atomically, write_json_atomically
-from cli import (UsageError, add_intervention_flags, add_tokenizer_flag, existing_outputs, report_error, resolve_device,
-                 resolve_dtype, resolve_intervention)
+from cli import (
+    UsageError,
+    add_intervention_flags,
+    add_tokenizer_flag,
+    existing_outputs,
+    report_error,
+    resolve_device,
+    resolve_dtype,
+    resolve_intervention,
+)
 from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
 from eval import evaluate
 from hub import HubError
 from iti import fit_iti
-from adapter import AdapterError, save_adapter
-from lofit import (HeadScore, answer_logprobs, ce_loss, dpo_loss, l1_penalty, offsets_disabled,
-                   rank_heads, select_heads, setup_stage1, setup_stage2, trainable_count)
+from lofit import (
+    HeadScore,
+    answer_logprobs,
+    ce_loss,
+    dpo_loss,
+    l1_penalty,
+    offsets_disabled,
+    rank_heads,
+    select_heads,
+    setup_stage1,
+    setup_stage2,
+    trainable_count,
+)
 from model import CheckpointError, Llama, read_model_config
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -135,7 +154,8 @@ def resolve_hparams(args, config, device_type: str) -> Hparams:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LoFiT: stage 1 (head selection), stage 2 (bias tuning), evaluation.")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf", help="local checkpoint directory, hub id, or .gguf file")
+    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf",
+                   help="local checkpoint directory, hub id, or .gguf file")
     p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
     p.add_argument("--out", help="output directory (default runs/<task>)")
     p.add_argument("--stage", choices=("1", "2", "both"), help="default: both, or 2 when heads come from elsewhere")
@@ -224,14 +244,15 @@ def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
         raise UsageError(f"--heads {path}: no such file")
     try:
         content = json.loads(Path(path).read_text())
-        rows = content["ranking"] if isinstance(content, dict) else [{"layer": l, "head": h} for l, h in content]
+        rows = content["ranking"] if isinstance(content, dict) else \
+            [{"layer": layer, "head": h} for layer, h in content]
         ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
-    repeated = sorted(head for head, n in Counter((l, h) for l, h, _ in ranking).items() if n > 1)
+    repeated = sorted(head for head, n in Counter((layer, h) for layer, h, _ in ranking).items() if n > 1)
     if repeated:
         raise UsageError(f"--heads {path} lists heads {repeated[:4]} more than once; each head may appear once")
-    bad = [(l, h) for l, h, _ in ranking if not (0 <= l < config.n_layers and 0 <= h < config.n_heads)]
+    bad = [(layer, h) for layer, h, _ in ranking if not (0 <= layer < config.n_layers and 0 <= h < config.n_heads)]
     if bad:
         raise UsageError(f"--heads {path} names heads {bad[:4]} that this model ({config.n_layers} layers x "
                          f"{config.n_heads} heads) does not have; was it made for another model?")
@@ -517,7 +538,7 @@ def write_heads(run: Run, ranking, selected, config, source: str):
     write_json_atomically(run.out / "heads.json", {
         "task": run.args.task, "model": run.args.model, "source": source, "n_layers": config.n_layers,
         "n_heads": config.n_heads, "k": len(selected), "selected": [list(h) for h in selected],
-        "ranking": [{"layer": l, "head": h, "score": s} for l, h, s in ranking]})
+        "ranking": [{"layer": layer, "head": h, "score": s} for layer, h, s in ranking]})
     plot_heads(run.out / "heads.png", ranking, selected, config)
 
 

@@ -23,9 +23,8 @@ import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-import torch
-
 import common  # noqa: F401  (puts the repository root on sys.path)
+import torch
 from common import SPECS, Row, checkpoint_dir, load_hf, load_ours, new_workdir
 
 SECTIONS = ("train", "score", "generate", "gpu")
@@ -80,6 +79,7 @@ def run_cpu(args, configs: list[str], sections: list[str]) -> tuple[list[Row], d
     import generate_bench
     import score_bench
     import train_bench
+
     from tokenizer import load_tokenizer
 
     rows, raw = [], {}

@@ -13,8 +13,8 @@ norms, cache or sampling. transformers' time divided by that time is the largest
 from __future__ import annotations
 
 import torch
-
 from common import DATASETS_DIR, Row, interleaved_times, median  # first: puts the repo root on sys.path
+
 from data import load_examples  # noqa: E402
 
 MAX_NEW_TOKENS = 16

@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 
 import torch
-
-from common import Row, interleaved_times, median, peak_memory  # first: puts the repo root on sys.path
-import lofit  # noqa: E402
 import train_bench  # noqa: E402
+from common import Row, interleaved_times, median, peak_memory  # first: puts the repo root on sys.path
+
+import lofit  # noqa: E402
 from model import Llama, LlamaConfig, hf_name, rope_inv_freq  # noqa: E402
 
 SHAPES = {

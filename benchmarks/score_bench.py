@@ -17,8 +17,8 @@ fold's test file (the prefix is computed once per call, so more questions favour
 from __future__ import annotations
 
 import torch
-
 from common import DATASETS_DIR, Row, interleaved_times, median  # first: puts the repo root on sys.path
+
 import eval as evaluation  # noqa: E402
 from data import load_examples  # noqa: E402
 

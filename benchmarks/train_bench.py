@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from common import Row, interleaved_times, median, peak_memory, tensor_bytes  # first: puts the repo root on sys.path
+
 import lofit  # noqa: E402
 
 L1_LAMBDA = 5e-4  # TruthfulQA / Llama-2-7B stage-1 lambda (method.md); its value does not change the cost
@@ -231,7 +231,8 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
     tps = {name: tokens / median(t) for name, t in times.items()}
     base = "transformers+hooks"
     loss_gap = abs(first_loss["ours"] - first_loss[base])  # same weights, batch and A, v: same loss
-    label = f"stage {stage}" + (f" (K={len(heads)}, lowest layer {min(l for l, _ in heads)})" if stage == 2 else "")
+    lowest = min(layer for layer, _ in heads) if stage == 2 else None
+    label = f"stage {stage}" + (f" (K={len(heads)}, lowest layer {lowest})" if stage == 2 else "")
     rows = []
     for name in [s.name for s in sides][1:]:
         main = name == "ours"

@@ -128,7 +128,8 @@ def study_task(s: Study, spec: str, rows: list):
                     s.seconds(f"{tag}/stage1", f"{tag}/select_k{k}_lr{lr:g}/train", f"{tag}/lofit")))
     chosen_flags = ["--k", str(k), "--lr-v", str(lr)]
     random = s.run(f"{tag}/random", "train.py", [*common, "--head-selection", "random", *chosen_flags,
-                                                 "--out", str(d / "random")], d / "random" / "metrics.json", d / "random")
+                                                 "--out", str(d / "random")],
+                   d / "random" / "metrics.json", d / "random")
     rows.append(row(spec, f"stage 2 on random heads (K {k})", random["test"], random["trainable_parameters"],
                     s.seconds(f"{tag}/random")))
     if task == "truthfulqa":

@@ -1,6 +1,6 @@
 """Shared test fixtures: paths to ../shared (real data and weights) and a fixed seed."""
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 import torch

@@ -84,7 +84,7 @@ def test_stage1_adapter_keeps_A(tmp_path, checkpoint):
         adapter.save_adapter(tmp_path / "top2.safetensors", model, [(0, 0), (1, 1)], stage=1, task="clutrr")
     meta = adapter.load_adapter(tmp_path / "top2.safetensors", fresh)
     assert meta["complete"] is False
-    nonzero = {(l, h) for l, a in enumerate(lofit.attentions(fresh)) for h in range(4) if a.lofit_A[h].any()}
+    nonzero = {(layer, h) for layer, a in enumerate(lofit.attentions(fresh)) for h in range(4) if a.lofit_A[h].any()}
     assert nonzero == {(0, 0), (1, 1)}  # loading replaced every earlier offset
 
 
@@ -185,7 +185,8 @@ def test_merge_by_hand_one_layer(checkpoint):
     """bias = b + W_o v and column j of W_o times (1 + A)_j, checked in plain loops."""
     model = adapted(checkpoint, heads=[(0, 1)], scale_std=0.5)
     attn = model.layers[0].self_attn
-    W, A, v = attn.o_proj.weight.detach().clone(), attn.lofit_A.detach().flatten().clone(), attn.lofit_v.detach().flatten().clone()
+    W = attn.o_proj.weight.detach().clone()
+    A, v = attn.lofit_A.detach().flatten().clone(), attn.lofit_v.detach().flatten().clone()
     adapter.merge_offsets(model)
     for row in (0, 17, 63):
         expected_bias = sum(W[row, j].item() * v[j].item() for j in range(64))

@@ -34,8 +34,8 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_adapter_and_export_are_readable_by_others(tmp_path):
-    from hf_reference import make_checkpoint
     from adapter import export_merged, save_adapter
+    from hf_reference import make_checkpoint
     from model import Llama
     old = os.umask(0o022)
     try:

@@ -3,8 +3,7 @@ import math
 
 import pytest
 
-from metrics import (clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct,
-                     mquake_prediction)
+from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 
 # ---------------------------------------------------------------------------------------------
 # TruthfulQA MC1 / MC2 / MC3

@@ -50,6 +50,7 @@ def test_gemma_legacy_gelu_spelling_and_config_round_trip():
 def tiny_gemma(tmp_path_factory):
     """A random Gemma-7B-shaped checkpoint with vocab 512 and the stories260K SentencePiece tokenizer."""
     import shutil
+
     from conftest import shared_path
     tokenizer = shared_path("weights", "stories260K_hf", "tokenizer.model")
     path, _ = make_gemma_checkpoint(tmp_path_factory.mktemp("gemma"), "gemma-7b", vocab_size=512)
@@ -59,11 +60,11 @@ def tiny_gemma(tmp_path_factory):
 
 def test_gemma_train_and_eval_end_to_end(tiny_gemma, tmp_path):
     import json
-    from conftest import shared_path
+
     import eval as evaluation
     import train
-    from adapter import export_merged
-    from adapter import load_adapter
+    from adapter import export_merged, load_adapter
+    from conftest import shared_path
     data = str(shared_path("datasets"))
     out = tmp_path / "run"
     assert train.main(["--task", "mquake", "--model", str(tiny_gemma), "--data-dir", data, "--out", str(out),
@@ -73,8 +74,9 @@ def test_gemma_train_and_eval_end_to_end(tiny_gemma, tmp_path):
     assert len(json.loads((out / "heads.json").read_text())["selected"]) == 3
 
     # eval.py with the adapter, and with the merged export, give the same metrics as training reported.
-    assert evaluation.main(["--task", "mquake", "--model", str(tiny_gemma), "--adapter", str(out / "adapter.safetensors"),
-                            "--data-dir", data, "--limit", "4", "--out", str(tmp_path / "adapter.json")]) == 0
+    assert evaluation.main(["--task", "mquake", "--model", str(tiny_gemma),
+                            "--adapter", str(out / "adapter.safetensors"), "--data-dir", data, "--limit", "4",
+                            "--out", str(tmp_path / "adapter.json")]) == 0
     model = Llama.from_pretrained(tiny_gemma)
     load_adapter(out / "adapter.safetensors", model)
     merged = export_merged(model, tmp_path / "merged", tokenizer_dir=tiny_gemma)

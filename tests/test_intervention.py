@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import assert_same_adapter, tiny_args
+from test_train_distributed import flags, torchrun
 
 import adapter
 import eval as evaluation
@@ -18,8 +20,6 @@ import train
 from conftest import ROOT
 from hf_reference import make_checkpoint
 from model import Llama
-from test_train import assert_same_adapter, tiny_args
-from test_train_distributed import flags, torchrun
 
 EXAMPLE = str(ROOT / "examples" / "low_rank.py")
 FORM = ["--intervention", EXAMPLE, "--intervention-arg", "rank=2"]

@@ -152,12 +152,12 @@ def test_apply_iti_equals_a_pre_hook_adding_alpha_sigma_u_to_each_head():
     sigma, alpha, heads = torch.rand(2, 4) + 0.5, 15.0, [(0, 1), (1, 3), (1, 0)]
     iti.apply_iti(model, heads, u, sigma, alpha)
 
-    def edit(layer):
+    def edit(hooked):
         def hook(module, inputs):
             z = inputs[0].view(*inputs[0].shape[:2], 4, 8).clone()  # (B, T, H, hd)
-            for l, h in heads:
-                if l == layer:
-                    z[:, :, h] += alpha * sigma[l, h] * u[l, h]
+            for layer, h in heads:
+                if layer == hooked:
+                    z[:, :, h] += alpha * sigma[layer, h] * u[layer, h]
             return (z.view(inputs[0].shape),)
         return hook
 
@@ -219,9 +219,9 @@ def test_activations_equal_transformers_o_proj_inputs_at_the_last_token():
     lofit.attentions(model)[0].lofit_v.data.fill_(3.0)  # ignored: activations come from the base model
     ours = iti.collect_head_activations(model, tokenizer, texts, batch_size=2)  # (N, L, H, hd)
     seen = {}
-    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
-        lambda m, inputs, l=l: seen.__setitem__(l, inputs[0][0, -1].view(8, 8)))
-        for l, layer in enumerate(hf.model.layers)]
+    hooks = [block.self_attn.o_proj.register_forward_pre_hook(
+        lambda m, inputs, layer=layer: seen.__setitem__(layer, inputs[0][0, -1].view(8, 8)))
+        for layer, block in enumerate(hf.model.layers)]
     for n, text in enumerate(texts):
         with torch.no_grad():
             hf(torch.tensor([tokenizer.encode(text, bos=True)]))

@@ -187,7 +187,7 @@ def test_rank_heads_by_l2_norm_of_A(checkpoint):
         A = model.layers[r.layer].self_attn.lofit_A[r.head].tolist()
         assert r.score == pytest.approx(math.sqrt(sum(x * x for x in A)), rel=1e-6)
     assert [r.score for r in ranking] == sorted((r.score for r in ranking), reverse=True)
-    assert {(r.layer, r.head) for r in ranking} == {(l, h) for l in range(2) for h in range(4)}
+    assert {(r.layer, r.head) for r in ranking} == {(layer, h) for layer in range(2) for h in range(4)}
 
 
 def test_rank_heads_ties_in_layer_head_order(checkpoint):
@@ -268,7 +268,7 @@ def test_stage2_setup(checkpoint):
     draws = 1e-3 * torch.randn(3, 16, generator=gen(5))  # one row per head, in the order given
     for i, (layer, head) in enumerate(heads):
         assert torch.equal(attns[layer].lofit_v[head], draws[i])
-    nonzero = {(l, h) for l in range(2) for h in range(4) if attns[l].lofit_v[h].any()}
+    nonzero = {(layer, h) for layer in range(2) for h in range(4) if attns[layer].lofit_v[h].any()}
     assert nonzero == set(heads)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {"layers.0.self_attn.lofit_v", "layers.1.self_attn.lofit_v"}

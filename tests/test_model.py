@@ -44,6 +44,7 @@ def test_rope_llama3_far_positions():
     """Scaled inverse frequencies equal transformers' for factor 8 and 32, out to 131,072 positions."""
     from transformers import LlamaConfig as HFConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     from model import rope_cos_sin, rope_inv_freq
     for factor in (8.0, 32.0):
         scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

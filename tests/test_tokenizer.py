@@ -187,7 +187,10 @@ def hf_fast(directory):
 CASES = {
     # Llama-3 style: the file's post-processor prepends BOS; names in tokenizer_config (string and dict forms).
     "post_processor_bos": dict(post_processor=True, config=None,
-                               tok_config={"bos_token": "<bos>", "eos_token": {"__type": "AddedToken", "content": "<eos>", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}}),
+                               tok_config={"bos_token": "<bos>",
+                                           "eos_token": {"__type": "AddedToken", "content": "<eos>", "lstrip": False,
+                                                         "rstrip": False, "normalized": False, "single_word": False,
+                                                         "special": True}}),
     # SmolLM style: nothing prepends a BOS; ids only in config.json; no pad token, so pad = eos.
     "no_bos": dict(post_processor=False, tok_config=None, config={"bos_token_id": 1, "eos_token_id": 2}),
     # add_bos_token in tokenizer_config is ignored when tokenizer.json exists (as transformers does); pad given.
@@ -288,7 +291,8 @@ def test_missing_directory(tmp_path):
 
 def test_directory_without_tokenizer_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(TokenizerError, match=r"has no tokenizer: expected tokenizer\.model .* or tokenizer\.json") as err:
+    expected = r"has no tokenizer: expected tokenizer\.model .* or tokenizer\.json"
+    with pytest.raises(TokenizerError, match=expected) as err:
         load_tokenizer(str(tmp_path))
     assert str(tmp_path) in str(err.value)
 

@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, shared_path
-
 import train
+from adapter import load_adapter
+from conftest import ROOT, shared_path
 from data import collate, load_examples, tokenize_ce
 from eval import evaluate
-from adapter import load_adapter
 from model import Llama
 from tokenizer import load_tokenizer
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, shared_path
-
 import train
+from conftest import ROOT, shared_path
 
 FLAGS = ["--epochs", "2", "--train-size", "16", "--batch-size", "5", "--micro-batch-size", "2",
          "--limit-eval", "2", "--k", "6", "--lr-a", "0.05", "--lr-v", "0.05", "--l1", "1e-3"]
