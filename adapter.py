@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from atomic import ordinary_mode, write_atomically
+from errors import LofitError
 from gguf_checkpoint import is_gguf, write_hf_tokenizer
 from lofit import LoFiT, attentions, check_heads, install, intervention_of, make_intervention, offset_parameters
 from model import hf_name
@@ -43,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json")
 
 
-class AdapterError(ValueError):
+class AdapterError(LofitError, ValueError):
     """An adapter file that cannot be read, or that does not fit the model; the message says why."""
 
 

@@ -1,10 +1,22 @@
-"""Command-line plumbing shared by train.py, eval.py and iti.py.
+"""Command-line plumbing shared by train.py, eval.py and iti.py: one vocabulary of flags.
 
-- UsageError: bad flags or files; each script's main() prints it with report_error and exits 2.
+The same flag has the same name and meaning in every script (add_common_flags):
+    --model, --data-dir, --tokenizer, --dtype, --device   what to load, and where
+    --limit N (alias --limit-eval)                         evaluate on the first N test examples
+    --eval-batch-size N                                    sequences per forward pass without gradients
+                                                           (evaluation, DPO reference, ITI activations)
+    --intervention                                         the form of stage 2's edit (lofit.py)
+--batch-size is train.py's only: examples per optimiser step, over all processes. --out is the
+output directory of train.py and iti.py, and eval.py's results file.
+
+- UsageError: bad flags or files (a LofitError, as are the other modules' errors); each script's
+  main() catches LofitError, prints it with report_error and exits 2.
+- check_flags: the one validator of numeric flags, whichever script has them.
+- check_out_dir: the one --out check (another run's outputs need --overwrite; --resume a checkpoint).
+- write_heads_file / read_heads_file: heads.json, the ranking every script writes and train.py reads.
 - resolve_device / resolve_dtype: what --device auto and --dtype auto mean (CUDA and bfloat16 when a
   GPU is visible, else the CPU and float32), and refusing --device cuda where there is no GPU.
 - existing_outputs: which of a script's output files an --out directory already holds.
-- add_tokenizer_flag: --tokenizer, the same in every script.
 - add_intervention_flags / resolve_intervention: --intervention NAME or FILE.py (a file that
   registers a new form, e.g. examples/low_rank.py) and its --intervention-arg KEY=VALUE settings.
 """
@@ -17,10 +29,12 @@ from pathlib import Path
 
 import torch
 
+from errors import LofitError
+
 USAGE_EXIT_STATUS = 2  # the status argparse also uses for bad flags
 
 
-class UsageError(ValueError):
+class UsageError(LofitError, ValueError):
     """A bad flag or a bad combination of flags and files; the message says what to do."""
 
 
@@ -89,13 +103,124 @@ def existing_outputs(out: Path, output_files) -> list[str]:
     return [name for name in output_files if (out / name).exists()]
 
 
-def add_tokenizer_flag(parser) -> None:
-    """Add --tokenizer {auto, sentencepiece, tokenizer.json} (see tokenizer.load_tokenizer)."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_common_flags(parser, *, model_default: str | None = "meta-llama/Llama-2-7b-hf") -> None:
+    """The flags every script has, with one name and one meaning each (see the module docstring)."""
     from tokenizer import BACKENDS
+    parser.add_argument("--model", default=model_default, required=model_default is None,
+                        help="local checkpoint directory, hub id (a merged export too) or .gguf file"
+                             + (f"; default {model_default}" if model_default else ""))
+    parser.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
     parser.add_argument("--tokenizer", choices=BACKENDS, default="auto",
                         help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
                              "else tokenizer.json; tokenizer.json: the fast tokenizer the original LoFiT "
                              "pipeline used (Llama-2 splits runs of spaces differently there)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype; auto: bfloat16 on CUDA, "
+                                                                        "float32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--limit", "--limit-eval", type=int, dest="limit",
+                        help="evaluate on the first N test examples only")
+    parser.add_argument("--eval-batch-size", type=int, default=8,
+                        help="sequences per forward pass without gradients (evaluation, reference, activations)")
+
+
+# Numeric flags and what they must be, whichever script has them (argparse dest -> rule).
+POSITIVE = ("epochs", "batch_size", "micro_batch_size", "k", "lr_a", "lr_v", "beta", "init_std", "limit",
+            "eval_batch_size", "stop_after", "probe_l2")
+NOT_NEGATIVE = ("l1", "train_size")
+
+
+def check_flags(args) -> None:
+    """The one validator: every numeric flag the script has, checked the same way; --device too.
+
+    Raises:
+        UsageError: naming the first flag with a bad value and what it must be.
+    """
+    def flag(dest):
+        return "--" + dest.replace("_", "-")
+    for dest in POSITIVE:
+        value = getattr(args, dest, None)
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag(dest)} must be positive, got {value}")
+    for dest in NOT_NEGATIVE:
+        value = getattr(args, dest, None)
+        if value is not None and value < 0:
+            raise UsageError(f"{flag(dest)} cannot be negative, got {value}")
+    k_percent = getattr(args, "k_percent", None)
+    if k_percent is not None and not 0 < k_percent <= 100:
+        raise UsageError(f"--k-percent must be in (0, 100], got {k_percent}")
+    resolve_device(args.device)  # refuses --device cuda where there is no GPU
+
+
+def check_out_dir(out: Path, output_files, *, overwrite: bool, resume: bool = False) -> None:
+    """The one --out check of a script writing a directory of outputs, before anything is loaded.
+
+    Raises:
+        UsageError: `out` is a file; it holds another run's outputs without --overwrite or --resume;
+            --resume without a checkpoint there; --resume with --overwrite.
+    """
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    found = existing_outputs(out, output_files)
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (finished runs keep none)")
+    if found and not resume and not overwrite:
+        again = ", --resume to continue that run" if "checkpoint.pt" in output_files else ""
+        raise UsageError(f"{out} already holds another run's outputs ({', '.join(found)}); pass --overwrite to "
+                         f"replace them{again}, or choose another --out")
+
+
+def check_out_file(out: Path) -> None:
+    """The --out check of a script writing one file (eval.py's results), before any work.
+
+    Raises:
+        UsageError: `out` is a directory, or its directory is missing or not writable.
+    """
+    import os
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
+    parent = out.parent.resolve()
+    if not parent.is_dir():
+        raise UsageError(f"output directory {out.parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output directory {out.parent} is not writable; choose another --out")
+
+
+def write_heads_file(path: Path, ranking, selected, *, task: str, model: str, source: str, config) -> None:
+    """heads.json: the full ranking [(layer, head, score or None)], best first, and the selected heads."""
+    from atomic import write_json_atomically
+    write_json_atomically(path, {
+        "task": task, "model": model, "source": source, "n_layers": config.n_layers, "n_heads": config.n_heads,
+        "k": len(selected), "selected": [list(h) for h in selected],
+        "ranking": [{"layer": layer, "head": h, "score": s} for layer, h, s in ranking]})
+
+
+def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
+    """The ranking in a heads.json (write_heads_file), or a plain JSON list of [layer, head] pairs, best first.
+
+    Raises:
+        UsageError: no such file, not such a file, a head listed twice, or heads `config`'s model lacks.
+    """
+    from collections import Counter
+    if not Path(path).is_file():
+        raise UsageError(f"--heads {path}: no such file")
+    try:
+        content = json.loads(Path(path).read_text())
+        rows = content["ranking"] if isinstance(content, dict) else \
+            [{"layer": layer, "head": h} for layer, h in content]
+        ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
+    repeated = sorted(head for head, n in Counter((layer, h) for layer, h, _ in ranking).items() if n > 1)
+    if repeated:
+        raise UsageError(f"--heads {path} lists heads {repeated[:4]} more than once; each head may appear once")
+    bad = [(layer, h) for layer, h, _ in ranking if not (0 <= layer < config.n_layers and 0 <= h < config.n_heads)]
+    if bad:
+        raise UsageError(f"--heads {path} names heads {bad[:4]} that this model ({config.n_layers} layers x "
+                         f"{config.n_heads} heads) does not have; was it made for another model?")
+    return ranking
 
 
 def add_intervention_flags(parser, with_settings: bool = True) -> None:

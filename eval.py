@@ -15,25 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from adapter import AdapterError, load_adapter
+from adapter import load_adapter
 from atomic import write_json_atomically
 from cli import (
     UsageError,
+    add_common_flags,
     add_intervention_flags,
-    add_tokenizer_flag,
+    check_flags,
+    check_out_file,
     import_intervention_file,
     report_error,
     resolve_device,
     resolve_dtype,
 )
-from data import TASK_INFO, TASKS, DataError, Example, load_examples
+from data import TASK_INFO, TASKS, Example, load_examples
+from errors import LofitError
 from lofit import answer_logprobs
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 from model import KVCache, Llama
@@ -237,23 +239,15 @@ def evaluate(model: Llama, tokenizer, task: str, examples: list[Example], *, bat
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--model", required=True,
-                   help="HF-format checkpoint directory, hub id (a merged export too), or .gguf file")
+    add_common_flags(p, model_default=None)
     p.add_argument("--adapter", nargs="+", default=None,
                    help="LoFiT adapter file; with --fold both, one per fold (fold 0's first)")
-    p.add_argument("--data-dir", default=None, help="local dataset directory (default: $LOFIT_DATA_DIR or download)")
+    add_intervention_flags(p, with_settings=False)
     p.add_argument("--split", default="test", help="train, val or test (default test)")
     p.add_argument("--fold", default="0", choices=["0", "1", "both"],
                    help="TruthfulQA fold; 'both' reports the mean over the two folds (default 0)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=8)
-    add_intervention_flags(p, with_settings=False)
-    add_tokenizer_flag(p)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-prefix-cache", action="store_true", help="TruthfulQA: score every full prompt")
-    p.add_argument("--out", type=Path, default=None, help="write summary and details here (JSON)")
+    p.add_argument("--out", type=Path, default=None, help="write summary and details to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -270,44 +264,30 @@ def check_args(args) -> list[int]:
     for path in args.adapter or []:
         if not Path(path).is_file():
             raise UsageError(f"adapter file {path} does not exist")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be a positive number of examples")
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    check_flags(args)
     if args.out is not None:
-        if args.out.is_dir():
-            raise UsageError(f"--out {args.out} is a directory; give a file name such as {args.out / 'results.json'}")
-        parent = args.out.parent.resolve()
-        if not parent.is_dir():
-            raise UsageError(f"output directory {args.out.parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"output directory {args.out.parent} is not writable; choose another --out")
+        check_out_file(args.out)
     return folds
 
 
 def run(args) -> dict:
     """Load everything, evaluate each requested fold, return the results dict (CLI body)."""
-    from hub import HubError
-    from model import CheckpointError
-    from tokenizer import TokenizerError, load_tokenizer
+    from tokenizer import load_tokenizer
 
     folds = check_args(args)
     if args.intervention.endswith(".py"):  # registers the form the adapter names (its settings are in the adapter)
         import_intervention_file(args.intervention)
     device = resolve_device(args.device)
     dtype = getattr(torch, resolve_dtype(args.dtype, device))
-    try:
-        examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
-                                  train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
-        model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
-    except (DataError, HubError, CheckpointError, TokenizerError) as err:
-        raise UsageError(str(err)) from None
+    examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
+                              train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
+    model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
     summaries, details = [], []
     for k, fold in enumerate(folds):
         if args.adapter:
             load_adapter_or_fail(args.adapter[k], model, args.task, fold, args.split)
-        result = evaluate(model, tokenizer, args.task, examples[k], batch_size=args.batch_size,
+        result = evaluate(model, tokenizer, args.task, examples[k], batch_size=args.eval_batch_size,
                           progress=not args.quiet, prefix_cache=not args.no_prefix_cache)
         if args.task == "truthfulqa":
             result["summary"]["fold"] = fold
@@ -324,14 +304,11 @@ def run(args) -> dict:
 def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int, split: str = "test") -> None:
     """Set `model`'s offsets to an adapter's (heads it lacks get 0, so adapters never stack).
 
-    Raises UsageError when the file is not an adapter, was made for another architecture, or is a
-    TruthfulQA adapter of the other fold asked to score this fold's test set (which holds its
+    Raises AdapterError when the file is not an adapter or was made for another architecture, and
+    UsageError when it is a TruthfulQA adapter of the other fold asked to score this fold's test set (which holds its
     training questions).
     """
-    try:
-        meta = load_adapter(path, model)
-    except AdapterError as err:
-        raise UsageError(str(err)) from None
+    meta = load_adapter(path, model)
     trained_fold = meta["hparams"].get("fold")
     leaks = task == meta.get("task") == "truthfulqa" and split == "test"
     if leaks and trained_fold is not None and int(trained_fold) != fold:
@@ -345,7 +322,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         results = run(args)
-    except UsageError as err:
+    except LofitError as err:
         return report_error(err)
     if args.out is not None:
         write_json_atomically(args.out, results)

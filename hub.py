@@ -11,6 +11,8 @@ import errno
 import os
 from pathlib import Path
 
+from errors import LofitError
+
 # What a checkpoint directory needs, all at the repo's top level (huggingface_hub's patterns are
 # fnmatch patterns, where * also matches "/"; IGNORED_FILES drops everything in a subfolder).
 CONFIG_AND_TOKENIZER_FILES = [
@@ -30,7 +32,7 @@ IGNORED_FILES = ["*/*"]
 LOGIN = "set HF_TOKEN or run `hf auth login`"
 
 
-class HubError(RuntimeError):
+class HubError(LofitError, RuntimeError):
     """A model or file could not be found or fetched; the message says what to do."""
 
 

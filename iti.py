@@ -44,7 +44,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atomic import write_json_atomically
-from cli import UsageError, add_tokenizer_flag, existing_outputs, report_error, resolve_device, resolve_dtype
+from cli import (
+    UsageError,
+    add_common_flags,
+    check_flags,
+    check_out_dir,
+    report_error,
+    resolve_device,
+    resolve_dtype,
+    write_heads_file,
+)
+from errors import LofitError
 from lofit import HeadScore, LoFiT, attentions, check_heads, install, offsets_disabled, reset_offsets
 
 PROMPT = "Q: {question} A: {answer}"
@@ -323,9 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from data import TASKS
     p = argparse.ArgumentParser(description="ITI: probe-ranked heads shifted by alpha * sigma * u, no training.")
     p.add_argument("--task", default="truthfulqa", choices=TASKS, help="needs true and false answers: truthfulqa")
-    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf",
-                   help="local checkpoint directory, hub id, or .gguf file")
-    p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
+    add_common_flags(p)
     p.add_argument("--out", help="output directory (default runs/iti_<task>)")
     p.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (0 or 1)")
     p.add_argument("--k", type=int, default=48, help="heads to intervene on (ITI: 48)")
@@ -333,14 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-l2", type=float, default=1.0, help="probe L2 weight, 1/C (sklearn default: 1)")
     p.add_argument("--train-size", type=int, help="training questions to probe (default: all)")
     p.add_argument("--seed", type=int, default=42, help="seed of the --train-size draw")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass when reading activations")
-    p.add_argument("--limit-eval", type=int, help="evaluate on the first N test examples only")
-    p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--no-eval", action="store_true", help="write the adapter only (score it later with eval.py)")
-    add_tokenizer_flag(p)
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in --out")
     args = p.parse_args(argv)
     args.out = args.out or f"runs/iti_{args.task}"
@@ -353,18 +354,9 @@ def check_args(args) -> ITISettings:
         raise UsageError(f"ITI probes true vs false answers, which only truthfulqa has, not {args.task}; "
                          f"to use ITI's heads on {args.task}, run iti.py --task truthfulqa and pass its heads.json "
                          f"to train.py --task {args.task} --heads")
-    for flag, value in {"--k": args.k, "--probe-l2": args.probe_l2, "--batch-size": args.batch_size,
-                        "--limit-eval": args.limit_eval, "--eval-batch-size": args.eval_batch_size}.items():
-        if value is not None and not value > 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
-    if args.train_size is not None and args.train_size < 0:
-        raise UsageError("--train-size cannot be negative")
+    check_flags(args)
+    check_out_dir(Path(args.out), OUTPUT_FILES, overwrite=args.overwrite)
     device = resolve_device(args.device)
-    out = Path(args.out)
-    found = existing_outputs(out, OUTPUT_FILES)
-    if found and not args.overwrite:
-        raise UsageError(f"{out} already holds another run's outputs ({', '.join(found)}); "
-                         f"pass --overwrite to replace them or choose another --out")
     return ITISettings(args.k, args.alpha, args.probe_l2, resolve_dtype(args.dtype, device), device)
 
 
@@ -389,7 +381,8 @@ def run(args) -> dict:
                           train_size=args.train_size if args.train_size is not None else 0, seed=args.seed)
     val = load_examples(args.task, "val", fold=args.fold, data_dir=args.data_dir)
     try:
-        probes = fit_iti(model, tokenizer, train, val, batch_size=args.batch_size, l2=settings.l2, progress=True)
+        probes = fit_iti(model, tokenizer, train, val, batch_size=args.eval_batch_size, l2=settings.l2,
+                         progress=True)
     except ValueError as e:
         raise UsageError(f"--task {args.task}: {e}") from None
     ranking = probes.ranking()
@@ -403,11 +396,8 @@ def run(args) -> dict:
     record = {"flags": vars(args), "resolved": asdict(settings), "method": "iti"}
     write_json_atomically(out / "config.json", record)
     config = model.config
-    write_json_atomically(out / "heads.json", {
-        "task": args.task, "model": args.model, "source": "ITI probe accuracy on the validation questions",
-        "n_layers": config.n_layers, "n_heads": config.n_heads, "k": len(heads),
-        "selected": [list(h) for h in heads],
-        "ranking": [{"layer": layer, "head": h, "score": s} for layer, h, s in ranking]})
+    write_heads_file(out / "heads.json", ranking, heads, task=args.task, model=args.model,
+                     source="ITI probe accuracy on the validation questions", config=config)
     hparams = {"method": "iti", "k": settings.k, "alpha": settings.alpha, "probe_l2": settings.l2,
                "fold": args.fold, "seed": args.seed}
     save_adapter(out / "adapter.safetensors", model, heads, stage=2, task=args.task, hparams=hparams)
@@ -417,7 +407,7 @@ def run(args) -> dict:
                                   "best": ranking[0].score},
                "sigma_selected": [float(probes.sigma[layer, h]) for layer, h in heads]}
     if not args.no_eval:
-        test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit_eval]
+        test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit]
         result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size)
         metrics["test"] = result["summary"]
         write_json_atomically(out / "eval_details.json", result["details"])
@@ -429,14 +419,10 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from data import DataError
-    from hub import HubError
-    from model import CheckpointError
-    from tokenizer import TokenizerError
     args = parse_args(argv)
     try:
         run(args)
-    except (UsageError, DataError, HubError, CheckpointError, TokenizerError) as e:
+    except LofitError as e:
         return report_error(e)
     return 0
 

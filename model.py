@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import LofitError
 from hub import resolve_model_dir
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LofitError, ValueError):
     """A config or checkpoint this code cannot load; the message says why and what to do."""
 
 

@@ -23,9 +23,10 @@ import sentencepiece
 import tokenizers
 
 import hub
+from errors import LofitError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(LofitError, ValueError):
     """A tokenizer could not be loaded; the message names the directory and what was expected."""
 
 

@@ -2,12 +2,15 @@
 
     python train.py --task clutrr --model ../shared/weights/stories260K_hf --out runs/clutrr
     torchrun --nproc_per_node 8 train.py --task truthfulqa --out runs/tqa     # meta-llama/Llama-2-7b-hf
+    python train.py --task clutrr --intervention examples/low_rank.py --intervention-arg rank=2
 
-Stage 1 trains the scale A of every head with an L1 penalty; heads are ranked by ||A||_2. Stage 2
-starts again from the base model and trains the bias v of the top K heads only (method.md). The
-defaults are the paper's per task and model (PAPER_TABLE); every flag overrides one of them.
---head-selection replaces stage 1 for the paper's comparisons: seeded random heads, ITI's probe
-ranking (iti.py), or a heads.json from another run or task (--heads FILE).
+Read top to bottom: the flags -> one Settings built from them (paper defaults filled in) -> the
+stages, which see only Settings -> outputs. Stage 1 trains the scale A of every head with an L1
+penalty; heads are ranked by ||A||_2 (choose_heads; or seeded random heads, ITI's probe ranking,
+a heads.json). Stage 2 starts again from the base model and trains the chosen form
+(--intervention; LoFiT's bias v by default) on the top K heads only (method.md). The defaults are
+the paper's per task and model (PAPER_TABLE); every flag overrides one of them. Each optimiser
+step is logged to metrics.jsonl (and to wandb with --wandb PROJECT).
 
 The number of processes never changes the result:
 - Data order: each epoch is a permutation of the whole training set drawn from a generator seeded
@@ -38,7 +41,6 @@ import os
 import platform
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,24 +48,28 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from adapter import AdapterError, save_adapter
+from adapter import save_adapter
 from atomic import write_atomically, write_json_atomically
 from cli import (
     UsageError,
+    add_common_flags,
     add_intervention_flags,
-    add_tokenizer_flag,
-    existing_outputs,
+    check_flags,
+    check_out_dir,
+    read_heads_file,
     report_error,
     resolve_device,
     resolve_dtype,
     resolve_intervention,
+    write_heads_file,
 )
-from data import TASK_INFO, TASKS, DataError, collate, load_examples, tokenize_ce, tokenize_dpo
+from data import TASK_INFO, TASKS, collate, load_examples, tokenize_ce, tokenize_dpo
+from errors import LofitError
 from eval import evaluate
-from hub import HubError
 from iti import fit_iti
 from lofit import (
     HeadScore,
+    Intervention,
     answer_logprobs,
     ce_loss,
     dpo_loss,
@@ -75,11 +81,11 @@ from lofit import (
     setup_stage2,
     trainable_count,
 )
-from model import CheckpointError, Llama, read_model_config
-from tokenizer import TokenizerError, load_tokenizer
+from model import Llama, read_model_config
+from tokenizer import load_tokenizer
 
-OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json",
-                "heads.png", "checkpoint.pt")
+OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "metrics.jsonl",
+                "eval_details.json", "heads.png", "checkpoint.pt")
 
 # method.md: (stage-1 lr, lambda, stage-2 lr, K) for each task and model of the paper.
 PAPER_TABLE = {
@@ -148,15 +154,13 @@ def resolve_hparams(args, config, device_type: str) -> Hparams:
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags
+# Flags, and the Settings built from them once
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LoFiT: stage 1 (head selection), stage 2 (bias tuning), evaluation.")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--model", default="meta-llama/Llama-2-7b-hf",
-                   help="local checkpoint directory, hub id, or .gguf file")
-    p.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
+    add_common_flags(p)
     p.add_argument("--out", help="output directory (default runs/<task>)")
     p.add_argument("--stage", choices=("1", "2", "both"), help="default: both, or 2 when heads come from elsewhere")
     p.add_argument("--heads", help="heads.json of an earlier run: skip stage 1 and use its ranking")
@@ -168,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     k.add_argument("--k", type=int, help="number of heads for stage 2 (default: the paper's)")
     k.add_argument("--k-percent", type=float, help="K as a percentage of all heads")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch, over all processes")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimiser step, over all processes")
     p.add_argument("--micro-batch-size", type=int, help="per forward pass (default: the whole per-rank share)")
     p.add_argument("--lr-a", type=float, help="stage-1 learning rate")
     p.add_argument("--lr-v", type=float, help="stage-2 learning rate")
@@ -178,17 +182,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--fold", type=int, default=0, help="TruthfulQA fold (0 or 1)")
     p.add_argument("--train-size", type=int, help="training examples to draw (default: the task's; 0 = all)")
-    p.add_argument("--limit-eval", type=int, help="evaluate on the first N test examples only")
-    p.add_argument("--eval-batch-size", type=int, default=8)
-    p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (score it later with eval.py)")
-    add_tokenizer_flag(p)
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in --out")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop after this many epochs (both stages counted), keeping the checkpoint for --resume")
+    p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (score it later with eval.py)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log every step to this Weights & Biases project")
     args = p.parse_args(argv)
     args.out = args.out or f"runs/{args.task}"
     args.head_selection = args.head_selection or ("file" if args.heads else "lofit")
@@ -198,17 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate(args):
     """Reject impossible flag values and combinations before anything is loaded."""
-    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--micro-batch-size": args.micro_batch_size,
-                "--k": args.k, "--lr-a": args.lr_a, "--lr-v": args.lr_v, "--beta": args.beta,
-                "--init-std": args.init_std, "--limit-eval": args.limit_eval,
-                "--eval-batch-size": args.eval_batch_size, "--stop-after": args.stop_after}
-    for flag, value in positive.items():
-        if value is not None and not value > 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
-    if args.k_percent is not None and not 0 < args.k_percent <= 100:
-        raise UsageError(f"--k-percent must be in (0, 100], got {args.k_percent}")
-    if args.l1 is not None and args.l1 < 0 or args.train_size is not None and args.train_size < 0:
-        raise UsageError("--l1 and --train-size cannot be negative")
+    check_flags(args)
     if args.heads and args.head_selection != "file":
         raise UsageError(f"--heads FILE goes with --head-selection file, not {args.head_selection}")
     if args.head_selection == "file" and not args.heads:
@@ -222,41 +211,97 @@ def validate(args):
     if args.head_selection == "iti" and args.task != "truthfulqa":
         raise UsageError(f"--head-selection iti probes true vs false answers, which only truthfulqa has; for "
                          f"{args.task}, run iti.py on truthfulqa and pass its heads.json with --heads")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    resolve_device(args.device)  # refuses --device cuda where there is no GPU
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ":" in args.device:
+        raise UsageError(f"--device {args.device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                         f"pass --device cuda")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+    check_out_dir(Path(args.out), OUTPUT_FILES, overwrite=args.overwrite, resume=args.resume)
 
 
-def check_out_dir(args):
-    """--out must not hold another run's outputs (unless --overwrite); --resume needs a checkpoint."""
-    out = Path(args.out)
-    found = existing_outputs(out, OUTPUT_FILES)
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (finished runs keep none)")
-    if found and not args.resume and not args.overwrite:
-        raise UsageError(f"{out} already holds another run's outputs ({', '.join(found)}); pass --overwrite to "
-                         f"replace them, --resume to continue that run, or choose another --out")
+@dataclass
+class Settings:
+    """Everything a run does, decided once from the flags and the model's config; the stages read only this."""
+    task: str
+    model: str
+    data_dir: str | None
+    out: Path
+    stage: str  # "1", "2" or "both"
+    head_selection: str  # lofit, random, iti or file
+    heads: str | None  # the --heads file
+    given: list | None  # its ranking
+    hp: Hparams  # lr_a, l1, lr_v, k, dtype and where they came from
+    intervention: Intervention  # stage 2's form, with its hyperparameters
+    epochs: int
+    batch_size: int
+    micro_batch_size: int | None
+    beta: float
+    init_std: float
+    seed: int
+    fold: int
+    train_size: int | None
+    limit: int | None
+    no_eval: bool
+    eval_batch_size: int
+    tokenizer: str
+    resume: bool
+    overwrite: bool
+    stop_after: int | None
+    wandb: str | None
+
+    def key(self) -> dict:
+        """What decides the result; --resume refuses a checkpoint made with another key."""
+        control = {"out", "overwrite", "resume", "stop_after", "micro_batch_size", "limit", "no_eval",
+                   "eval_batch_size", "given", "hp", "intervention", "wandb"}
+        own = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in control}
+        hp = {k: v for k, v in asdict(self.hp).items() if k != "source"}
+        return {**own, **hp, "intervention": {"name": self.intervention.name, **self.intervention.hparams()}}
 
 
-def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
-    """The ranking in a heads.json (ours), or a plain JSON list of [layer, head] pairs, best first."""
-    if not Path(path).is_file():
-        raise UsageError(f"--heads {path}: no such file")
+def settings_from_flags(args, d: Dist) -> Settings:
+    """Fill in every default (the paper's table, the form, K) and check what needs the model's config."""
+    config = read_model_config(args.model)
+    hp = resolve_hparams(args, config, d.device.type)
+    form = resolve_intervention(args.intervention, args.intervention_arg)
     try:
-        content = json.loads(Path(path).read_text())
-        rows = content["ranking"] if isinstance(content, dict) else \
-            [{"layer": layer, "head": h} for layer, h in content]
-        ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
-    repeated = sorted(head for head, n in Counter((layer, h) for layer, h, _ in ranking).items() if n > 1)
-    if repeated:
-        raise UsageError(f"--heads {path} lists heads {repeated[:4]} more than once; each head may appear once")
-    bad = [(layer, h) for layer, h, _ in ranking if not (0 <= layer < config.n_layers and 0 <= h < config.n_heads)]
-    if bad:
-        raise UsageError(f"--heads {path} names heads {bad[:4]} that this model ({config.n_layers} layers x "
-                         f"{config.n_heads} heads) does not have; was it made for another model?")
-    return ranking
+        form.parameters(config)
+    except ValueError as e:
+        raise UsageError(f"--intervention {form.name}: {e}") from None
+    given = read_heads_file(args.heads, config) if args.heads else None
+    if given is not None and hp.k > len(given):
+        raise UsageError(f"K = {hp.k} but --heads {args.heads} ranks only {len(given)} heads; pass a smaller --k")
+    own = {name: getattr(args, name) for name in Settings.__dataclass_fields__ if hasattr(args, name)}
+    return Settings(**{**own, "out": Path(args.out), "given": given, "hp": hp,
+                       "intervention": form})
+
+
+# ----------------------------------------------------------------------------------------------
+# Head choice: stage 1, a file, random, ITI, or the checkpoint being resumed
+
+
+def choose_heads(run: Run, model, tokenizer, examples, data: TrainData, resume, metrics) -> tuple[list, str]:
+    """Stage 2's ranking [(layer, head, score or None)], best first, and where it came from.
+
+    Stage 1 (the default) trains A and ranks heads by ||A||_2; its losses go to metrics["train_loss"].
+    """
+    s = run.s
+    if s.stage != "2" and not (resume and resume["stage"] == 2):
+        params = setup_stage1(model, init_std=s.init_std, generator=torch.Generator().manual_seed(s.seed))
+        metrics["train_loss"]["stage1"] = train_stage(run, 1, model, params, data, resume)
+        return [(h.layer, h.head, float(h.score)) for h in rank_heads(model)], "stage 1 of this run"
+    if resume is not None:
+        metrics["train_loss"].update(resume["extra"]["train_loss"])
+        return [tuple(r) for r in resume["extra"]["ranking"]], resume["extra"]["source"]
+    if s.head_selection == "file":
+        return s.given, f"--heads {s.heads}"
+    if s.head_selection == "random":
+        return random_ranking(model.config.n_layers, model.config.n_heads, s.seed), f"random heads, seed {s.seed}"
+    val = load_examples(s.task, "val", fold=s.fold, data_dir=s.data_dir)
+    probes = fit_iti(model, tokenizer, examples, val, batch_size=s.eval_batch_size, progress=run.d.main)
+    return [tuple(r) for r in probes.ranking()], "ITI probe accuracy on the validation questions"
 
 
 def random_ranking(n_layers: int, n_heads: int, seed: int) -> list[tuple[int, int, None]]:
@@ -268,15 +313,6 @@ def random_ranking(n_layers: int, n_heads: int, seed: int) -> list[tuple[int, in
     return [(i // n_heads, i % n_heads, None) for i in order]
 
 
-def baseline_ranking(args, config, model, tokenizer, examples, progress: bool) -> tuple[list, str]:
-    """Stage 2's ranking without stage 1 (--head-selection random or iti), and where it came from."""
-    if args.head_selection == "random":
-        return random_ranking(config.n_layers, config.n_heads, args.seed), f"random heads, seed {args.seed}"
-    val = load_examples(args.task, "val", fold=args.fold, data_dir=args.data_dir)
-    probes = fit_iti(model, tokenizer, examples, val, batch_size=args.eval_batch_size, progress=progress)
-    return [tuple(r) for r in probes.ranking()], "ITI probe accuracy on the validation questions"
-
-
 # ----------------------------------------------------------------------------------------------
 # Processes and model
 
@@ -284,9 +320,9 @@ def baseline_ranking(args, config, model, tokenizer, examples, progress: bool) -
 def setup_distributed(args) -> Dist:
     """Join the torchrun job if there is one: NCCL with one GPU per process, else gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = resolve_device(args.device) == "cuda"
+    cuda = resolve_device(args.device).startswith("cuda")
     if world == 1:
-        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+        return Dist(device=torch.device(resolve_device(args.device)))
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -337,6 +373,12 @@ class TrainData:
         if self.loss == "dpo":
             return len(batch)
         return max(1, sum(sum(self.items[i][1][1:]) for i in batch))  # 1: a batch of no-answer examples adds 0
+
+    def tokens(self, batch: list[int]) -> int:
+        """Tokens a global batch runs through the model (DPO: chosen and rejected sequences)."""
+        if self.loss == "dpo":
+            return sum(len(self.items[i][f"{side}_input_ids"]) for i in batch for side in ("chosen", "rejected"))
+        return sum(len(self.items[i][0]) for i in batch)
 
 
 def tokenize_training_set(task, examples, tokenizer) -> TrainData:
@@ -395,17 +437,15 @@ def rank_share(batch: list[int], d: Dist, micro: int) -> list[tuple[list[int], f
 
 
 # ----------------------------------------------------------------------------------------------
-# One stage: epochs of AdamW steps, a checkpoint after each
+# One stage: epochs of AdamW steps, each logged, a checkpoint after each epoch
 
 
 @dataclass
 class Run:
     """What every stage of one run shares."""
-    args: argparse.Namespace
-    hp: Hparams
+    s: Settings
     d: Dist
-    out: Path
-    key: dict  # everything that decides the result; --resume refuses a checkpoint with another key
+    log: StepLog
     epochs_run: int = 0  # epochs finished by this process, for --stop-after
 
 
@@ -416,6 +456,41 @@ class Stopped(Exception):
 def log(d: Dist, message: str):
     if d.main:
         print(message, flush=True)
+
+
+class StepLog:
+    """One JSON line per optimiser step in metrics.jsonl (rank 0), and to wandb when asked.
+
+    Each line: stage, step (within the stage, from 1), epoch, loss, lr, grad_norm (before clipping),
+    tokens_per_s. A resumed run first cuts the file back to the checkpoint's steps, so the log of a
+    resumed run has the same steps as an uninterrupted one's.
+    """
+
+    def __init__(self, s: Settings, d: Dist, record: dict):
+        self.path, self.main, self.lines = s.out / "metrics.jsonl", d.main, 0
+        self.wandb = None
+        if self.main and s.wandb:
+            import wandb
+            self.wandb = wandb.init(project=s.wandb, config=record)
+
+    def cut(self, lines: int) -> None:
+        """Keep the first `lines` lines (the steps a checkpoint holds)."""
+        self.lines = lines
+        if self.main and self.path.exists():
+            kept = self.path.read_text().splitlines(keepends=True)[:lines]
+            write_atomically(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+    def step(self, **row) -> None:
+        self.lines += 1
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({f"stage{row['stage']}/{k}": v for k, v in row.items() if k != "stage"})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def sync_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -435,15 +510,15 @@ def sync_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=None, extra=None) -> list[float]:
-    """Train `params` (A in stage 1, v in stage 2) for --epochs epochs; return each epoch's mean loss.
+    """Train `params` (A in stage 1, the form's in stage 2) for the epochs; return each epoch's mean loss.
 
     AdamW (0.9, 0.999, eps 1e-8, no weight decay), linear decay to 0 without warmup, grad-norm
     clip 1.0: HF Trainer's defaults, which the original used. `resume` is a checkpoint of this
     stage; `extra` (primitives) is stored in every checkpoint, e.g. the stage-1 ranking.
     """
-    args, d = run.args, run.d
-    lr, l1 = (run.hp.lr_a, run.hp.l1) if stage == 1 else (run.hp.lr_v, 0.0)
-    total_steps = -(-len(data.items) // args.batch_size) * args.epochs
+    s, d = run.s, run.d
+    lr, l1 = (s.hp.lr_a, s.hp.l1) if stage == 1 else (s.hp.lr_v, 0.0)
+    total_steps = -(-len(data.items) // s.batch_size) * s.epochs
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total_steps - step) / total_steps))
     named = {name: p for name, p in model.named_parameters() if any(p is q for q in params)}
@@ -455,36 +530,40 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         history, start = list(resume["history"]), resume["epoch"]
-    micro = args.micro_batch_size or -(-args.batch_size // d.world)
-    for epoch in range(start, args.epochs):
+        run.log.cut(resume["log_lines"])
+    micro = s.micro_batch_size or -(-s.batch_size // d.world)
+    for epoch in range(start, s.epochs):
         began, losses = time.time(), []
-        bar = tqdm(epoch_batches(len(data.items), args.batch_size, args.seed, epoch), disable=not d.main,
-                   desc=f"stage {stage} epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+        bar = tqdm(epoch_batches(len(data.items), s.batch_size, s.seed, epoch), disable=not d.main,
+                   desc=f"stage {stage} epoch {epoch + 1}/{s.epochs}", dynamic_ncols=True)
         for batch in bar:
-            normaliser = data.normaliser(batch)
+            step_began, normaliser = time.time(), data.normaliser(batch)
             loss_sum = torch.zeros((), device=d.device)
             for i, (chunk, weight) in enumerate(rank_share(batch, d, micro)):
-                loss = micro_batch_loss(model, data, chunk, normaliser, args.beta, d.device) * weight
+                loss = micro_batch_loss(model, data, chunk, normaliser, s.beta, d.device) * weight
                 if l1 and d.main and i == 0:  # the L1 penalty counts once per global batch
                     loss = loss + l1 * l1_penalty(model)
                 loss.backward()
                 loss_sum += loss.detach().float()
             losses.append(sync_gradients(params, loss_sum, d).item())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            step_lr = schedule.get_last_lr()[0]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            run.log.step(stage=stage, step=schedule.last_epoch, epoch=epoch + 1, loss=losses[-1], lr=step_lr,
+                         grad_norm=float(grad_norm), tokens_per_s=data.tokens(batch) / (time.time() - step_began))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         history.append(sum(losses) / len(losses))
-        log(d, f"stage {stage} epoch {epoch + 1}/{args.epochs}: mean loss {history[-1]:.4f}, "
+        log(d, f"stage {stage} epoch {epoch + 1}/{s.epochs}: mean loss {history[-1]:.4f}, "
                f"{time.time() - began:.1f} s")
         if d.main:
-            state = {"key": run.key, "stage": stage, "epoch": epoch + 1, "history": history, "extra": extra or {},
-                     "params": {name: p.detach().cpu() for name, p in named.items()},
+            state = {"key": s.key(), "stage": stage, "epoch": epoch + 1, "history": history, "extra": extra or {},
+                     "params": {name: p.detach().cpu() for name, p in named.items()}, "log_lines": run.log.lines,
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-            write_atomically(run.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+            write_atomically(s.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
         run.epochs_run += 1
-        if args.stop_after and run.epochs_run >= args.stop_after:
+        if s.stop_after and run.epochs_run >= s.stop_after:
             raise Stopped
     return history
 
@@ -534,86 +613,52 @@ def plot_heads(path: Path, ranking, selected, config):
     plt.close(fig)
 
 
-def write_heads(run: Run, ranking, selected, config, source: str):
-    write_json_atomically(run.out / "heads.json", {
-        "task": run.args.task, "model": run.args.model, "source": source, "n_layers": config.n_layers,
-        "n_heads": config.n_heads, "k": len(selected), "selected": [list(h) for h in selected],
-        "ranking": [{"layer": layer, "head": h, "score": s} for layer, h, s in ranking]})
-    plot_heads(run.out / "heads.png", ranking, selected, config)
-
-
 # ----------------------------------------------------------------------------------------------
-# The pipeline
+# The recipe
 
 
-def run_pipeline(args, d: Dist) -> int:
-    """Everything after the flags are valid: check files, load, train, select, train, evaluate, write."""
+def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
+    """Load, choose heads (stage 1 or another way), train stage 2, evaluate, write every output."""
     started = time.time()
-    check_out_dir(args)
-    config = read_model_config(args.model)
-    hp = resolve_hparams(args, config, d.device.type)
-    form = resolve_intervention(args.intervention, args.intervention_arg)
-    try:
-        form.parameters(config)
-    except ValueError as e:
-        raise UsageError(f"--intervention {form.name}: {e}") from None
-    given = read_heads_file(args.heads, config) if args.heads else None
-    if given is not None and hp.k > len(given):
-        raise UsageError(f"K = {hp.k} but --heads {args.heads} ranks only {len(given)} heads; pass a smaller --k")
-    control = {"out", "overwrite", "resume", "stop_after", "micro_batch_size", "limit_eval", "eval_batch_size",
-               "device", "no_eval"}
-    key = {**{k: v for k, v in vars(args).items() if k not in control},
-           **{k: v for k, v in asdict(hp).items() if k != "source"}}
-    out = Path(args.out)
-    resume = load_checkpoint(out, key) if args.resume else None
-    record = {"flags": vars(args), "resolved": asdict(hp), "world_size": d.world, "device": str(d.device),
-              "versions": {"python": platform.python_version(),
-                                                        "torch": torch.__version__}}
-    tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
-    examples = load_examples(args.task, "train", fold=args.fold, data_dir=args.data_dir,
-                             train_size=args.train_size, seed=args.seed)
-    test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit_eval]
-    data = tokenize_training_set(args.task, examples, tokenizer)
+    resume = load_checkpoint(s.out, s.key()) if s.resume else None
+    record = {"flags": flags, "resolved": asdict(s.hp), "intervention": s.key()["intervention"],
+              "world_size": d.world, "device": str(d.device),
+              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    tokenizer = load_tokenizer(s.model, backend=s.tokenizer)
+    examples = load_examples(s.task, "train", fold=s.fold, data_dir=s.data_dir, train_size=s.train_size, seed=s.seed)
+    test = load_examples(s.task, "test", fold=s.fold, data_dir=s.data_dir)[:s.limit]
+    data = tokenize_training_set(s.task, examples, tokenizer)
     if data.loss == "ce" and (empty := sum(not any(mask[1:]) for _, mask in data.items)):
         log(d, f"warning: {empty} of {len(data.items)} training examples have a prompt of at least "
-               f"{TASK_INFO[args.task].max_len} tokens, so no answer token is left after the cut; they add no "
+               f"{TASK_INFO[s.task].max_len} tokens, so no answer token is left after the cut; they add no "
                f"loss (as in the original)")
-    log(d, "LoFiT " + json.dumps({**vars(args), **asdict(hp), "world_size": d.world}, indent=1))
+    log(d, "LoFiT " + json.dumps({**flags, **asdict(s.hp), "world_size": d.world}, indent=1))
     if d.world > 1:
         dist.barrier()  # every rank has checked --out before rank 0 touches it
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES if args.overwrite else ():
-            (out / name).unlink(missing_ok=True)
-        write_json_atomically(out / "config.json", record)
+        s.out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES if s.overwrite else ():
+            (s.out / name).unlink(missing_ok=True)
+        write_json_atomically(s.out / "config.json", record)
 
-    model = load_model(args, d, getattr(torch, hp.dtype))
+    model = load_model(s, d, getattr(torch, s.hp.dtype))
     if data.loss == "dpo":
-        data.reference = reference_logprobs(model, data, args.eval_batch_size, d.device)
-    run = Run(args, hp, d, out, key)
+        data.reference = reference_logprobs(model, data, s.eval_batch_size, d.device)
+    run = Run(s, d, StepLog(s, d, record))
     log(d, f"{len(examples)} training examples, {len(test)} test examples; loss {data.loss}")
 
     metrics = {"train_loss": {}}
     try:
-        if args.stage != "2" and not (resume and resume["stage"] == 2):
-            params = setup_stage1(model, init_std=args.init_std, generator=torch.Generator().manual_seed(args.seed))
-            metrics["train_loss"]["stage1"] = train_stage(run, 1, model, params, data, resume)
-            ranking = [(h.layer, h.head, float(h.score)) for h in rank_heads(model)]
-            source = "stage 1 of this run"
-        elif resume is not None:
-            ranking, source = [tuple(r) for r in resume["extra"]["ranking"]], resume["extra"]["source"]
-            metrics["train_loss"].update(resume["extra"]["train_loss"])
-        elif args.head_selection == "file":
-            ranking, source = given, f"--heads {args.heads}"
-        else:
-            ranking, source = baseline_ranking(args, config, model, tokenizer, examples, progress=d.main)
-        selected = select_heads([HeadScore(*r) for r in ranking], k=hp.k)
+        ranking, source = choose_heads(run, model, tokenizer, examples, data, resume, metrics)
+        selected = select_heads([HeadScore(*r) for r in ranking], k=s.hp.k)
         if d.main:
-            write_heads(run, ranking, selected, config, source)
-        if args.stage == "1":
+            write_heads_file(s.out / "heads.json", ranking, selected, task=s.task, model=s.model, source=source,
+                             config=model.config)
+            plot_heads(s.out / "heads.png", ranking, selected, model.config)
+        if s.stage == "1":
             return finish(run, model, selected, metrics, record, started, stage=1)
-        params = setup_stage2(model, selected, init_std=args.init_std,
-                              generator=torch.Generator().manual_seed(args.seed), intervention=form)
+        params = setup_stage2(model, selected, init_std=s.init_std, generator=torch.Generator().manual_seed(s.seed),
+                              intervention=s.intervention)
         metrics["trainable_parameters"] = trainable_count(model)  # LoFiT: K x head_dim
         extra = {"ranking": [list(r) for r in ranking], "source": source, "train_loss": metrics["train_loss"]}
         metrics["train_loss"]["stage2"] = train_stage(run, 2, model, params, data,
@@ -621,29 +666,32 @@ def run_pipeline(args, d: Dist) -> int:
     except Stopped:
         log(d, f"stopped after {run.epochs_run} epoch(s) as asked (--stop-after); "
                f"continue with the same flags and --resume")
+        run.log.close()
         return 0
-    if not args.no_eval:
-        result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size, progress=d.main)
+    if not s.no_eval:
+        result = evaluate(model, tokenizer, s.task, test, batch_size=s.eval_batch_size, progress=d.main)
         metrics["test"] = result["summary"]
         log(d, "test: " + json.dumps(result["summary"]))
         if d.main:
-            write_json_atomically(out / "eval_details.json", result["details"])
+            write_json_atomically(s.out / "eval_details.json", result["details"])
     return finish(run, model, selected, metrics, record, started, stage=2)
 
 
 def finish(run: Run, model, selected, metrics, record, started, stage: int) -> int:
     """Write the adapter, metrics and final config record; drop the checkpoint (the run is complete)."""
+    s = run.s
     if run.d.main:
-        hparams = {"lr": run.hp.lr_a if stage == 1 else run.hp.lr_v, "l1": run.hp.l1, "k": run.hp.k,
-                   "epochs": run.args.epochs, "batch_size": run.args.batch_size, "seed": run.args.seed,
-                   "fold": run.args.fold,  # eval.py refuses to test a TruthfulQA adapter on its own training fold
-                   "head_selection": run.args.head_selection}
-        save_adapter(run.out / "adapter.safetensors", model, None if stage == 1 else selected,
-                     stage=stage, task=run.args.task, hparams=hparams)  # stage 1: every head's A
-        write_json_atomically(run.out / "metrics.json", metrics)
-        write_json_atomically(run.out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
-        (run.out / "checkpoint.pt").unlink(missing_ok=True)
-        print(f"outputs in {run.out}: " + ", ".join(n for n in OUTPUT_FILES if (run.out / n).exists()))
+        hparams = {"lr": s.hp.lr_a if stage == 1 else s.hp.lr_v, "l1": s.hp.l1, "k": s.hp.k,
+                   "epochs": s.epochs, "batch_size": s.batch_size, "seed": s.seed,
+                   "fold": s.fold,  # eval.py refuses to test a TruthfulQA adapter on its own training fold
+                   "head_selection": s.head_selection}
+        save_adapter(s.out / "adapter.safetensors", model, None if stage == 1 else selected,
+                     stage=stage, task=s.task, hparams=hparams)  # stage 1: every head's A; the form's own settings
+        write_json_atomically(s.out / "metrics.json", metrics)
+        write_json_atomically(s.out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
+        (s.out / "checkpoint.pt").unlink(missing_ok=True)
+        print(f"outputs in {s.out}: " + ", ".join(n for n in OUTPUT_FILES if (s.out / n).exists()))
+    run.log.close()
     return 0
 
 
@@ -653,11 +701,11 @@ def main(argv=None) -> int:
         validate(args)
         d = setup_distributed(args)
         try:
-            return run_pipeline(args, d)
+            return run_pipeline(settings_from_flags(args, d), d, vars(args))
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    except (UsageError, DataError, HubError, CheckpointError, TokenizerError, AdapterError) as e:
+    except LofitError as e:
         return report_error(e, print_message=os.environ.get("RANK", "0") == "0")
 
 

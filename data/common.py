@@ -10,11 +10,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from errors import LofitError
+
 TASKS = ("truthfulqa", "mquake", "clutrr", "siqa", "arc_challenge", "boolq")
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(LofitError, ValueError):
     """A data problem (unknown task, missing or corrupt file, bad record); the message says what to do."""
 
 

@@ -98,7 +98,7 @@ def study_task(s: Study, spec: str, rows: list):
     tag, d = spec.replace(":", "_fold"), s.out / spec.replace(":", "_fold")
     common = s.common(task, fold)
     d.mkdir(parents=True, exist_ok=True)
-    evaluate = ["--batch-size", str(s.args.eval_batch_size)]
+    evaluate = ["--eval-batch-size", str(s.args.eval_batch_size)]
     base = s.run(f"{tag}/base", "eval.py", [*common, *evaluate, "--out", str(d / "base.json")], d / "base.json")
     if base:
         rows.append(row(spec, "base model", base["summary"], 0, s.seconds(f"{tag}/base")))

@@ -43,7 +43,7 @@ def test_both_folds_report_the_mean(paths, tmp_path):
 
 def test_generation_task_results_json(paths, tmp_path):
     out = tmp_path / "mquake.json"
-    assert run_cli(paths, "--task", "mquake", "--limit", "2", "--batch-size", "2", "--out", str(out)) == 0
+    assert run_cli(paths, "--task", "mquake", "--limit", "2", "--eval-batch-size", "2", "--out", str(out)) == 0
     results = json.loads(out.read_text())
     assert {"accuracy", "accuracy_stripped"} <= set(results["summary"])
     row = results["details"][0]
@@ -56,8 +56,8 @@ def test_generation_task_results_json(paths, tmp_path):
     (["--task", "clutrr", "--split", "dev"], "unknown split 'dev'"),
     (["--task", "clutrr", "--adapter", "/nonexistent/adapter.safetensors"], "does not exist"),
     (["--task", "truthfulqa", "--fold", "both", "--adapter", __file__], "one --adapter per fold"),
-    (["--task", "clutrr", "--limit", "0"], "--limit must be a positive"),
-    (["--task", "clutrr", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--task", "clutrr", "--limit", "0"], "--limit must be positive"),
+    (["--task", "clutrr", "--eval-batch-size", "0"], "--eval-batch-size must be positive"),
     (["--task", "clutrr", "--tokenizer", "tokenizer.json"], "has no tokenizer.json"),
 ])
 def test_bad_input_exits_2_with_one_message(paths, tmp_path, capsys, args, message):
