@@ -13,7 +13,7 @@ output directory of train.py and iti.py, and eval.py's results file.
   main() catches LofitError, prints it with report_error and exits 2.
 - check_flags: the one validator of numeric flags, whichever script has them.
 - check_out_dir: the one --out check (another run's outputs need --overwrite; --resume a checkpoint).
-- write_heads_file / read_heads_file: heads.json, the ranking every script writes and train.py reads.
+
 - resolve_device / resolve_dtype: what --device auto and --dtype auto mean (CUDA and bfloat16 when a
   GPU is visible, else the CPU and float32), and refusing --device cuda where there is no GPU.
 - existing_outputs: which of a script's output files an --out directory already holds.
@@ -186,41 +186,6 @@ def check_out_file(out: Path) -> None:
         raise UsageError(f"output directory {out.parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"output directory {out.parent} is not writable; choose another --out")
-
-
-def write_heads_file(path: Path, ranking, selected, *, task: str, model: str, source: str, config) -> None:
-    """heads.json: the full ranking [(layer, head, score or None)], best first, and the selected heads."""
-    from atomic import write_json_atomically
-    write_json_atomically(path, {
-        "task": task, "model": model, "source": source, "n_layers": config.n_layers, "n_heads": config.n_heads,
-        "k": len(selected), "selected": [list(h) for h in selected],
-        "ranking": [{"layer": layer, "head": h, "score": s} for layer, h, s in ranking]})
-
-
-def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
-    """The ranking in a heads.json (write_heads_file), or a plain JSON list of [layer, head] pairs, best first.
-
-    Raises:
-        UsageError: no such file, not such a file, a head listed twice, or heads `config`'s model lacks.
-    """
-    from collections import Counter
-    if not Path(path).is_file():
-        raise UsageError(f"--heads {path}: no such file")
-    try:
-        content = json.loads(Path(path).read_text())
-        rows = content["ranking"] if isinstance(content, dict) else \
-            [{"layer": layer, "head": h} for layer, h in content]
-        ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
-    repeated = sorted(head for head, n in Counter((layer, h) for layer, h, _ in ranking).items() if n > 1)
-    if repeated:
-        raise UsageError(f"--heads {path} lists heads {repeated[:4]} more than once; each head may appear once")
-    bad = [(layer, h) for layer, h, _ in ranking if not (0 <= layer < config.n_layers and 0 <= h < config.n_heads)]
-    if bad:
-        raise UsageError(f"--heads {path} names heads {bad[:4]} that this model ({config.n_layers} layers x "
-                         f"{config.n_heads} heads) does not have; was it made for another model?")
-    return ranking
 
 
 def add_intervention_flags(parser, with_settings: bool = True) -> None:

@@ -52,9 +52,9 @@ from cli import (
     report_error,
     resolve_device,
     resolve_dtype,
-    write_heads_file,
 )
 from errors import LofitError
+from heads import write_heads_file
 from lofit import HeadScore, LoFiT, attentions, check_heads, install, offsets_disabled, reset_offsets
 
 PROMPT = "Q: {question} A: {answer}"

@@ -56,16 +56,15 @@ from cli import (
     add_intervention_flags,
     check_flags,
     check_out_dir,
-    read_heads_file,
     report_error,
     resolve_device,
     resolve_dtype,
     resolve_intervention,
-    write_heads_file,
 )
 from data import TASK_INFO, TASKS, collate, load_examples, tokenize_ce, tokenize_dpo
 from errors import LofitError
 from eval import evaluate
+from heads import plot_heads, random_ranking, read_heads_file, write_heads_file
 from iti import fit_iti
 from lofit import (
     HeadScore,
@@ -82,6 +81,7 @@ from lofit import (
     trainable_count,
 )
 from model import Llama, read_model_config
+from runlog import StepLog
 from tokenizer import load_tokenizer
 
 OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "metrics.jsonl",
@@ -304,15 +304,6 @@ def choose_heads(run: Run, model, tokenizer, examples, data: TrainData, resume, 
     return [tuple(r) for r in probes.ranking()], "ITI probe accuracy on the validation questions"
 
 
-def random_ranking(n_layers: int, n_heads: int, seed: int) -> list[tuple[int, int, None]]:
-    """Every head once, in an order drawn from a CPU generator seeded with `seed` (no scores).
-
-    The paper's random-heads ablation: stage 2 then tunes the first K of this order.
-    """
-    order = torch.randperm(n_layers * n_heads, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [(i // n_heads, i % n_heads, None) for i in order]
-
-
 # ----------------------------------------------------------------------------------------------
 # Processes and model
 
@@ -458,41 +449,6 @@ def log(d: Dist, message: str):
         print(message, flush=True)
 
 
-class StepLog:
-    """One JSON line per optimiser step in metrics.jsonl (rank 0), and to wandb when asked.
-
-    Each line: stage, step (within the stage, from 1), epoch, loss, lr, grad_norm (before clipping),
-    tokens_per_s. A resumed run first cuts the file back to the checkpoint's steps, so the log of a
-    resumed run has the same steps as an uninterrupted one's.
-    """
-
-    def __init__(self, s: Settings, d: Dist, record: dict):
-        self.path, self.main, self.lines = s.out / "metrics.jsonl", d.main, 0
-        self.wandb = None
-        if self.main and s.wandb:
-            import wandb
-            self.wandb = wandb.init(project=s.wandb, config=record)
-
-    def cut(self, lines: int) -> None:
-        """Keep the first `lines` lines (the steps a checkpoint holds)."""
-        self.lines = lines
-        if self.main and self.path.exists():
-            kept = self.path.read_text().splitlines(keepends=True)[:lines]
-            write_atomically(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
-
-    def step(self, **row) -> None:
-        self.lines += 1
-        if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.wandb is not None:
-                self.wandb.log({f"stage{row['stage']}/{k}": v for k, v in row.items() if k != "stage"})
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def sync_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum the LoFiT gradients and the loss over all ranks with one all_reduce; return the summed loss."""
     if d.world == 1:
@@ -583,37 +539,6 @@ def load_checkpoint(out: Path, key: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Outputs (rank 0 only; every file is written to a temporary name, then renamed)
-
-
-def plot_heads(path: Path, ranking, selected, config):
-    """A layers x heads heatmap of the stage-1 scores ||A||_2, the K selected heads outlined."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.patches
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"note: matplotlib is not installed, so {path.name} was not drawn (pip install matplotlib)")
-        return
-    if any(score is None for _, _, score in ranking):
-        print(f"note: this ranking has no scores, so {path.name} was not drawn")
-        return
-    grid = torch.zeros(config.n_layers, config.n_heads)  # (L, H)
-    for layer, head, score in ranking:
-        grid[layer, head] = score
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.2 * config.n_heads), max(3.0, 1.2 + 0.15 * config.n_layers)))
-    image = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis")
-    for layer, head in selected:
-        ax.add_patch(matplotlib.patches.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
-    ax.set(xlabel="head", ylabel="layer", title=f"stage-1 ||A||_2 per head\nK = {len(selected)} selected (red)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
 # The recipe
 
 
@@ -644,7 +569,7 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
     model = load_model(s, d, getattr(torch, s.hp.dtype))
     if data.loss == "dpo":
         data.reference = reference_logprobs(model, data, s.eval_batch_size, d.device)
-    run = Run(s, d, StepLog(s, d, record))
+    run = Run(s, d, StepLog(s.out, d.main, s.wandb, record))
     log(d, f"{len(examples)} training examples, {len(test)} test examples; loss {data.loss}")
 
     metrics = {"train_loss": {}}

@@ -15,6 +15,7 @@ import train
 from adapter import load_adapter
 from conftest import shared_path
 from data import load_examples
+from heads import random_ranking
 from lofit import select_heads
 from model import Llama
 from tokenizer import load_tokenizer
@@ -126,7 +127,7 @@ def test_iti_cli_refuses_another_runs_outputs(iti_run, capsys):
 
 
 def test_random_ranking_is_reproducible_by_seed_and_covers_every_head_once():
-    a, b, c = train.random_ranking(5, 8, 42), train.random_ranking(5, 8, 42), train.random_ranking(5, 8, 43)
+    a, b, c = random_ranking(5, 8, 42), random_ranking(5, 8, 42), random_ranking(5, 8, 43)
     assert a == b and a != c
     assert sorted((layer, h) for layer, h, _ in a) == [(layer, h) for layer in range(5) for h in range(8)]
     assert all(score is None for _, _, score in a)
@@ -138,7 +139,7 @@ def test_random_ranking_is_reproducible_by_seed_and_covers_every_head_once():
 
 def test_random_heads_run_end_to_end(tmp_path):
     heads, metrics = train_run("truthfulqa", tmp_path, "--head-selection", "random", "--seed", "7")
-    expected = [[layer, h] for layer, h, _ in train.random_ranking(5, 8, 7)[:K]]
+    expected = [[layer, h] for layer, h, _ in random_ranking(5, 8, 7)[:K]]
     assert heads["selected"] == expected and heads["source"] == "random heads, seed 7"
     assert heads_with_v(tmp_path) == {tuple(h) for h in expected}
     assert "stage1" not in metrics["train_loss"] and len(metrics["train_loss"]["stage2"]) == 1

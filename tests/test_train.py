@@ -20,6 +20,7 @@ from adapter import load_adapter
 from conftest import ROOT, shared_path
 from data import collate, load_examples, tokenize_ce
 from eval import evaluate
+from heads import plot_heads
 from model import Llama
 from tokenizer import load_tokenizer
 
@@ -314,7 +315,7 @@ def test_heads_picture_is_drawn_or_skipped_with_a_note(mquake_run, tmp_path, cap
     heads = json.loads((full / "heads.json").read_text())
     ranking = [(r["layer"], r["head"], r["score"]) for r in heads["ranking"]]
     config = Shape("llama", 5, 8, 64)
-    train.plot_heads(tmp_path / "heads.png", ranking, [tuple(h) for h in heads["selected"]], config)
+    plot_heads(tmp_path / "heads.png", ranking, [tuple(h) for h in heads["selected"]], config)
     if has_matplotlib():
         assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
@@ -341,3 +342,59 @@ def test_no_eval_writes_the_adapter_without_test_metrics(tmp_path):
     assert train.main(tiny_args("mquake", out, "--no-eval")) == 0
     assert (out / "adapter.safetensors").is_file() and not (out / "eval_details.json").exists()
     assert "test" not in json.loads((out / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run log: metrics.jsonl, and wandb when asked
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_jsonl_has_every_optimiser_step(mquake_run):
+    out, _ = mquake_run
+    rows = read_log(out)
+    assert [(r["stage"], r["step"]) for r in rows] == [(s, i) for s in (1, 2) for i in range(1, 9)]  # 2 x 4 batches
+    metrics = json.loads((out / "metrics.json").read_text())
+    for stage in (1, 2):
+        mine = [r for r in rows if r["stage"] == stage]
+        assert mine[0]["lr"] == 0.05 and mine[1]["lr"] == pytest.approx(0.05 * 7 / 8)  # linear decay, no warmup
+        for epoch in (1, 2):
+            losses = [r["loss"] for r in mine if r["epoch"] == epoch]
+            assert sum(losses) / len(losses) == pytest.approx(metrics["train_loss"][f"stage{stage}"][epoch - 1])
+        assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in mine)
+
+
+def test_resumed_run_logs_the_same_steps(tmp_path, mquake_run):
+    full, _ = mquake_run
+    assert train.main(tiny_args("mquake", tmp_path, "--stop-after", "3")) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint, then killed
+        f.write(json.dumps({"stage": 2, "step": 99}) + "\n")
+    assert train.main(tiny_args("mquake", tmp_path, "--resume")) == 0
+    timing = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path)] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in read_log(full)]
+
+
+def test_wandb_is_imported_only_when_asked(tmp_path, monkeypatch, capsys):
+    import types
+    logged, seen = [], {}
+
+    class FakeRun:
+        def log(self, row):
+            logged.append(row)
+
+        def finish(self):
+            seen["finished"] = True
+
+    def init(project, config):
+        seen.update(project=project, config=config)
+        return FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    assert train.main(tiny_args("mquake", tmp_path / "a", "--stop-after", "1", "--wandb", "lofit-test")) == 0
+    assert seen["project"] == "lofit-test" and seen["config"]["flags"]["task"] == "mquake" and seen["finished"]
+    assert [r["stage1/step"] for r in logged] == [1, 2, 3, 4] and all("stage1/loss" in r for r in logged)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    assert train.main(tiny_args("mquake", tmp_path / "b", "--wandb", "lofit-test")) == 2
+    assert "pip install wandb" in capsys.readouterr().err

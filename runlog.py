@@ -1,0 +1,47 @@
+"""The run log: one JSON line per optimiser step in metrics.jsonl, and Weights & Biases when asked.
+
+Each line: stage, step (within the stage, from 1), epoch, loss (the global batch's mean), lr (the
+step's learning rate), grad_norm (of the trained parameters, before clipping) and tokens_per_s (the
+global batch's tokens over the step's wall time). wandb is imported only for --wandb PROJECT, as
+the original code logged its runs there.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from atomic import write_atomically
+
+
+class StepLog:
+    """metrics.jsonl in `out`, written by the main process only; also to wandb `project` if given.
+
+    A resumed run first cuts the file back to the steps its checkpoint holds (cut), so a resumed
+    run's log has the same steps as an uninterrupted one's.
+    """
+
+    def __init__(self, out: Path, main: bool, project: str | None = None, config: dict | None = None):
+        self.path, self.main, self.lines = Path(out) / "metrics.jsonl", main, 0
+        self.wandb = None
+        if self.main and project:
+            import wandb
+            self.wandb = wandb.init(project=project, config=config)
+
+    def cut(self, lines: int) -> None:
+        """Keep the first `lines` lines (the steps a checkpoint holds)."""
+        self.lines = lines
+        if self.main and self.path.exists():
+            kept = self.path.read_text().splitlines(keepends=True)[:lines]
+            write_atomically(self.path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+    def step(self, **row) -> None:
+        self.lines += 1
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({f"stage{row['stage']}/{k}": v for k, v in row.items() if k != "stage"})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
