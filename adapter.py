@@ -35,7 +35,16 @@ import torch.nn as nn
 from atomic import ordinary_mode, write_atomically
 from errors import LofitError
 from gguf_checkpoint import is_gguf, write_hf_tokenizer
-from lofit import LoFiT, attentions, check_heads, install, intervention_of, make_intervention, offset_parameters
+from lofit import (
+    LoFiT,
+    attentions,
+    check_heads,
+    install,
+    intervention_of,
+    make_intervention,
+    offset_parameters,
+    reset_offsets,
+)
 from model import hf_name
 
 FORMAT = "lofit-adapter"
@@ -191,10 +200,8 @@ def load_adapter(path, model) -> dict:
             want = "no such offset" if p is None else f"rows of {tuple(p.shape[1:])}"
             raise AdapterError(f"{path} is inconsistent: its tensor {key} {tuple(t.shape)} does not fit the "
                                f"{form.name} intervention ({want}); write the adapter again")
+    reset_offsets(model)
     with torch.no_grad():
-        for attn in attns:
-            for p in offset_parameters(attn).values():
-                p.zero_()
         for key, t in tensors.items():
             if key == "heads":
                 continue
@@ -262,8 +269,7 @@ def merge_offsets(model) -> None:
                 attn.o_proj.bias = nn.Parameter(bias, requires_grad=attn.o_proj.weight.requires_grad)
             elif bias is not None:
                 attn.o_proj.bias.copy_(bias)
-            for p in offset_parameters(attn).values():
-                p.zero_()
+    reset_offsets(model)
     model.lofit_merged = True
 
 
