@@ -191,15 +191,19 @@ def load_adapter(path, model) -> dict:
     if meta["base_model"] and model.source and Path(meta["base_model"]).name != Path(str(model.source)).name:
         warnings.warn(f"adapter {path} was trained on {meta['base_model']!r}, loading it onto {model.source!r} "
                       f"(same architecture; make sure the weights are the same model)")
-    install(model, form)
-    attns = attentions(model)
-    ours = offset_parameters(attns[0])
-    for key, t in tensors.items():
-        p = ours.get("lofit_" + key)
-        if key != "heads" and (p is None or tuple(t.shape) != (K, *p.shape[1:])):
-            want = "no such offset" if p is None else f"rows of {tuple(p.shape[1:])}"
+    try:
+        extra = form.parameters(model.config)  # the form's offsets besides A and v, {name: (n_heads, ...)}
+    except ValueError as e:
+        raise AdapterError(f"{path}: {e}") from None
+    rows = {"A": (model.config.head_dim,), "v": (model.config.head_dim,),
+            **{name: tuple(shape[1:]) for name, shape in extra.items()}}
+    for key, t in tensors.items():  # checked before the model is touched: a refused file changes nothing
+        if key != "heads" and (key not in rows or tuple(t.shape) != (K, *rows[key])):
+            want = "no such offset" if key not in rows else f"rows of {rows[key]}"
             raise AdapterError(f"{path} is inconsistent: its tensor {key} {tuple(t.shape)} does not fit the "
                                f"{form.name} intervention ({want}); write the adapter again")
+    install(model, form)
+    attns = attentions(model)
     reset_offsets(model)
     with torch.no_grad():
         for key, t in tensors.items():

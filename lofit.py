@@ -21,6 +21,7 @@ change for a new form.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -135,7 +136,7 @@ class Intervention:
 
     def hparams(self) -> dict:
         """The form's settings, JSON-able: its dataclass fields."""
-        return dict(vars(self))
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
 
 INTERVENTIONS: dict[str, type] = {}

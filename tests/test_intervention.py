@@ -76,6 +76,26 @@ def test_adapter_loads_evaluates_merges_and_exports(low_rank_run, tmp_path):
         adapter.load_adapter(low_rank_run / "adapter.safetensors", model)
 
 
+def test_a_refused_adapter_leaves_the_model_as_it_was(low_rank_run, tmp_path):
+    from safetensors.torch import save_file
+    model = fresh_model()
+    adapter.load_adapter(low_rank_run / "adapter.safetensors", model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lofit_" in n}
+    tensors = load_file(str(low_rank_run / "adapter.safetensors"))
+    with safe_open(str(low_rank_run / "adapter.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "rank3.safetensors"  # says rank 3, holds rank-2 factors
+    save_file(tensors, str(bad), metadata={**meta, "intervention": json.dumps({"name": "low_rank", "rank": 3})})
+    with pytest.raises(adapter.AdapterError, match="does not fit the low_rank intervention"):
+        adapter.load_adapter(bad, model)
+    after = {n: p.detach() for n, p in model.named_parameters() if ".lofit_" in n}
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    unknown = tmp_path / "unknown.safetensors"
+    save_file(tensors, str(unknown), metadata={**meta, "intervention": json.dumps({"name": "nowhere"})})
+    with pytest.raises(adapter.AdapterError, match="unknown intervention 'nowhere'.*--intervention FILE"):
+        adapter.load_adapter(unknown, model)
+
+
 def test_eval_cli_scores_the_adapter(low_rank_run, tmp_path):
     from conftest import shared_path
     argv = ["--task", "mquake", "--model", str(shared_path("weights", "stories260K_hf")),
