@@ -48,3 +48,44 @@ def test_report_error_prints_one_line_and_returns_2(capsys):
     assert capsys.readouterr().err == "error: --k must be positive, got 0\n"
     assert cli.report_error(ValueError("quiet rank"), print_message=False) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_one_vocabulary_across_the_three_scripts():
+    """The shared flags parse to the same names and defaults in train.py, eval.py and iti.py."""
+    import eval as evaluation
+    common = ["--model", "m", "--data-dir", "d", "--tokenizer", "tokenizer.json", "--dtype", "float16",
+              "--device", "cpu", "--limit", "3", "--eval-batch-size", "5"]
+    parsed = [train.parse_args(["--task", "mquake", *common]), evaluation.parse_args(["--task", "mquake", *common]),
+              iti.parse_args(["--task", "truthfulqa", *common])]
+    for args in parsed:
+        assert (args.model, args.data_dir, args.tokenizer, args.dtype, args.device, args.limit,
+                args.eval_batch_size) == ("m", "d", "tokenizer.json", "float16", "cpu", 3, 5)
+    old = [train.parse_args(["--task", "mquake", "--limit-eval", "4"]), iti.parse_args(["--limit-eval", "4"])]
+    assert all(args.limit == 4 for args in old)  # the old spelling still works
+
+
+@pytest.mark.parametrize("main, argv", [
+    (train.main, ["--task", "mquake"]),
+    (iti.main, ["--task", "truthfulqa"]),
+    ("eval", ["--task", "mquake", "--model", "m"]),
+])
+def test_one_validator_says_the_same_thing_everywhere(tmp_path, capsys, main, argv):
+    import eval as evaluation
+    main = evaluation.main if main == "eval" else main
+    for flag, value, message in [("--limit", "0", "--limit must be positive, got 0"),
+                                 ("--eval-batch-size", "-1", "--eval-batch-size must be positive, got -1")]:
+        assert main([*argv, flag, value, "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_user_error_is_a_lofit_error():
+    import adapter
+    import data
+    import hub
+    import model
+    import tokenizer
+    from errors import LofitError
+    for error in (cli.UsageError, data.DataError, hub.HubError, model.CheckpointError, tokenizer.TokenizerError,
+                  adapter.AdapterError):
+        assert issubclass(error, LofitError)
