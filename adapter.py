@@ -258,7 +258,7 @@ def merge_offsets(model) -> None:
     dropped. Works on an unsharded model (not on FSDP-wrapped blocks).
 
     Raises:
-        AdapterError: the form has no merge (Intervention.mergeable False), or the model was merged
+        AdapterError: the form defines no merge (Intervention.mergeable), or the model was merged
             already (a second merge would stack whatever was loaded since on the merged weights).
     """
     form = _check_mergeable(model)

@@ -114,13 +114,12 @@ class Intervention:
     - `setup(model, heads, init_std, generator)`: initialise and make trainable (train_rows) on
       `heads` only; return the parameters to optimise. The base is frozen and every offset is 0
       when it is called. A product of factors needs one factor non-zero, or no gradient flows.
-    - `merge(attn, weight, bias)`: where the form is affine in z, fold it into o_proj exactly:
+    - `merge(attn, weight, bias)`, only where the form is affine in z: fold it into o_proj exactly,
       (weight (D, H*hd), bias (D,) or None) that consume the edited z -> the pair that consumes
-      the unedited z, in fp64. A form that cannot be merged leaves `mergeable = False`.
+      the unedited z, in fp64. A form without it is refused by merging and export (`mergeable`).
     Reset, saving, loading, gradient masks and the trainable count are generic over `lofit_*`.
     """
     name = "base"
-    mergeable = True
 
     def parameters(self, config) -> dict[str, tuple[int, ...]]:
         return {}
@@ -132,7 +131,12 @@ class Intervention:
         raise NotImplementedError
 
     def merge(self, attn: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
-        raise NotImplementedError
+        raise NotImplementedError(f"{self.name} has no merge into o_proj")
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the form defines `merge` (a form that is not linear in z does not)."""
+        return type(self).merge is not Intervention.merge
 
     def hparams(self) -> dict:
         """The form's settings, JSON-able: its dataclass fields."""
@@ -192,18 +196,19 @@ def install(model, form: Intervention) -> Intervention:
     Parameters are made like lofit_A (same device and dtype), so this works after loading and
     after the blocks were wrapped (FSDP2 leaves lofit_* parameters alone).
     """
-    old = intervention_of(model)
+    old, new = intervention_of(model), form.parameters(model.config)
+    for name, shape in new.items():  # checked before anything changes
+        if not shape or shape[0] != model.config.n_heads:
+            raise ValueError(f"{form.name}: lofit_{name} has shape {tuple(shape)}; a per-head parameter's first "
+                             f"dimension is n_heads ({model.config.n_heads})")
     for attn in attentions(model):
         for name in old.parameters(model.config):
             delattr(attn, "lofit_" + name)
-        for name, shape in form.parameters(model.config).items():
-            if shape[0] != attn.n_heads:
-                raise ValueError(f"{form.name}: lofit_{name} has shape {shape}; a per-head parameter's first "
-                                 f"dimension is n_heads ({attn.n_heads})")
+        for name, shape in new.items():
             like = attn.lofit_A
             attn.register_parameter("lofit_" + name, nn.Parameter(torch.zeros(shape, device=like.device,
                                                                              dtype=like.dtype)))
-        attn.lofit_edit = form.edit if form.parameters(model.config) else None
+        attn.lofit_edit = form.edit if new else None
     model.lofit_intervention = form
     return form
 

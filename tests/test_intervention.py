@@ -151,15 +151,14 @@ class Shared(lofit.Intervention):
 
 @dataclass
 class Gate(lofit.Intervention):
-    """z * sigmoid(g): not linear in z, so no merge."""
+    """z + g * tanh(z): the base model at g = 0, not linear in z, so it defines no merge."""
     name = "test_gate"
-    mergeable = False
 
     def parameters(self, config):
         return {"g": (config.n_heads, config.head_dim)}
 
     def edit(self, attn, z):
-        return z * 2 * torch.sigmoid(attn.lofit_g)
+        return z + attn.lofit_g * torch.tanh(z)
 
     def setup(self, model, heads, init_std, generator):
         return [lofit.train_rows(a, "lofit_g", [h for at, h in heads if at == i])
@@ -176,6 +175,7 @@ def test_a_parameter_not_stored_per_head_is_refused(tiny, tmp_path):
     model = Llama.from_pretrained(tiny)
     with pytest.raises(ValueError, match="first dimension is n_heads"):
         lofit.install(model, Shared())
+    assert not hasattr(model.layers[0].self_attn, "lofit_s")  # refused before anything changed
     model.layers[0].self_attn.lofit_s = torch.nn.Parameter(torch.ones(16))  # added by hand
     with pytest.raises(adapter.AdapterError, match="save_adapter cannot store it"):
         adapter.save_adapter(tmp_path / "a.safetensors", model, [(0, 1)], stage=2, task="mquake")
@@ -186,6 +186,7 @@ def test_a_form_without_a_merge_is_refused_and_masks_do_not_outlive_it(tiny, tmp
     model = Llama.from_pretrained(tiny)
     heads = [(0, 1), (1, 3)]
     params = lofit.setup_stage2(model, heads, intervention=Gate())
+    assert not Gate().mergeable and lofit.LoFiT().mergeable and lofit.INTERVENTIONS["low_rank"]().mergeable
     assert lofit.trainable_count(model) == 2 * 16 and len(params) == 2
     with pytest.raises(adapter.AdapterError, match="no exact merge"):
         adapter.merge_offsets(model)
