@@ -13,9 +13,8 @@ output directory of train.py and iti.py, and eval.py's results file.
   main() catches LofitError, prints it with report_error and exits 2.
 - check_flags: the one validator of numeric flags, whichever script has them.
 - check_out_dir: the one --out check (another run's outputs need --overwrite; --resume a checkpoint).
-
-- resolve_device / resolve_dtype: what --device auto and --dtype auto mean (CUDA and bfloat16 when a
-  GPU is visible, else the CPU and float32), and refusing --device cuda where there is no GPU.
+- resolve_device / resolve_dtype: what --device auto and --dtype auto mean (CUDA when a GPU is
+  visible, else the CPU; float32 everywhere), and refusing --device cuda where there is no GPU.
 - existing_outputs: which of a script's output files an --out directory already holds.
 - add_intervention_flags / resolve_intervention: --intervention NAME or FILE.py (a file that
   registers a new form, e.g. examples/low_rank.py) and its --intervention-arg KEY=VALUE settings.
@@ -77,15 +76,18 @@ def resolve_device(requested: str) -> str:
 
 
 def resolve_dtype(requested: str, device: str) -> str:
-    """The name of the torch dtype to load weights in: "auto" is bfloat16 on CUDA, float32 elsewhere.
+    """The name of the torch dtype to load weights in: "auto" is float32 on every device.
+
+    float32 is the paper's precision. In bfloat16, 1 + 1e-3 rounds to 1, so most of stage 1's
+    (1 + A) at the paper's init would be exactly 1 and batching alone would move DPO log-probs;
+    bfloat16 is there to halve the base's memory (LoFiT's parameters and edit stay float32).
 
     Args:
         requested: The --dtype flag: "auto" or a torch dtype name ("float32", "bfloat16", ...).
-        device: The device the model runs on, as resolve_device returns it (or a torch.device's type).
+        device: The device the model runs on, as resolve_device returns it (the choice does not
+            depend on it).
     """
-    if requested != "auto":
-        return requested
-    return "bfloat16" if device.startswith("cuda") else "float32"
+    return "float32" if requested == "auto" else requested
 
 
 def existing_outputs(out: Path, output_files) -> list[str]:
@@ -117,8 +119,9 @@ def add_common_flags(parser, *, model_default: str | None = "meta-llama/Llama-2-
                         help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
                              "else tokenizer.json; tokenizer.json: the fast tokenizer the original LoFiT "
                              "pipeline used (Llama-2 splits runs of spaces differently there)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype; auto: bfloat16 on CUDA, "
-                                                                        "float32 on CPU")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights' dtype; auto: float32, as the paper (bfloat16 halves the base's memory; "
+                             "LoFiT's parameters and edit stay float32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--limit", "--limit-eval", type=int, dest="limit",
                         help="evaluate on the first N test examples only")

@@ -2,6 +2,7 @@
 
     python eval.py --task truthfulqa --model meta-llama/Llama-2-7b-hf --adapter tqa_fold0.safetensors
     python eval.py --task mquake --model runs/mquake_merged --limit 100 --out results.json
+    torchrun --nproc_per_node 8 eval.py --task truthfulqa --model M --out results.json   # 1/8 of it per GPU
 
 TruthfulQA (MC1, MC2, MC3) scores every candidate answer by the SUM of its tokens' log-probs after
 INSTRUCTION + "\\n\\n" + 6-shot primer + "\\n\\nQ: " + question + "\\nA: ". That long prefix is the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +37,15 @@ from cli import (
     resolve_dtype,
 )
 from data import TASK_INFO, TASKS, Example, load_examples
+from distributed import (
+    Dist,
+    add_sharding_flag,
+    choose_sharding,
+    close_distributed,
+    evaluate_split,
+    load_model,
+    setup_distributed,
+)
 from errors import LofitError
 from lofit import answer_logprobs
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
@@ -129,8 +140,7 @@ def evaluate_truthfulqa(model, tokenizer, examples, batch_size, progress, prefix
                         **mc_metrics(true, false, best),
                         "true": [{"answer": a, "score": s} for a, s in zip(answers[:n_true], true)],
                         "false": [{"answer": a, "score": s} for a, s in zip(answers[n_true:], false)]})
-    summary = {m: sum(d[m] for d in details) / len(details) for m in ("mc1", "mc2", "mc3")}
-    return {"summary": {"task": "truthfulqa", "n": len(details), **summary}, "details": details}
+    return {"summary": summarize("truthfulqa", details), "details": details}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,10 +209,18 @@ def evaluate_generation(model, tokenizer, task, examples, batch_size, progress) 
             pred = keyword_extract(generation, info.answer_pattern)
             row.update(prediction=pred, correct=pred == ex.references[0])
         details.append(row)
+    return {"summary": summarize(task, details), "details": details}
+
+
+def summarize(task: str, details: list[dict]) -> dict:
+    """The summary of `task`'s per-example details: mean MC1/MC2/MC3 (TruthfulQA) or accuracy."""
+    if TASK_INFO[task].metric == "mc":
+        return {"task": task, "n": len(details),
+                **{m: sum(d[m] for d in details) / len(details) for m in ("mc1", "mc2", "mc3")}}
     summary = {"task": task, "n": len(details), "accuracy": sum(d["correct"] for d in details) / len(details)}
     if task == "mquake":
         summary["accuracy_stripped"] = sum(d["correct_stripped"] for d in details) / len(details)
-    return {"summary": summary, "details": details}
+    return summary
 
 
 def evaluate(model: Llama, tokenizer, task: str, examples: list[Example], *, batch_size: int = 8,
@@ -240,6 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     add_common_flags(p, model_default=None)
+    add_sharding_flag(p)
     p.add_argument("--adapter", nargs="+", default=None,
                    help="LoFiT adapter file; with --fold both, one per fold (fold 0's first)")
     add_intervention_flags(p, with_settings=False)
@@ -270,25 +289,32 @@ def check_args(args) -> list[int]:
     return folds
 
 
-def run(args) -> dict:
-    """Load everything, evaluate each requested fold, return the results dict (CLI body)."""
+def run(args, d: Dist | None = None) -> dict:
+    """Load everything, evaluate each requested fold, return the results dict (CLI body).
+
+    Under torchrun (`d` from distributed.setup_distributed) the examples are split across ranks
+    and every rank returns the whole results dict.
+    """
+    from model import read_model_config
     from tokenizer import load_tokenizer
 
     folds = check_args(args)
     if args.intervention.endswith(".py"):  # registers the form the adapter names (its settings are in the adapter)
         import_intervention_file(args.intervention)
-    device = resolve_device(args.device)
+    d = d or Dist(device=torch.device(resolve_device(args.device)))
+    device = str(d.device)
     dtype = getattr(torch, resolve_dtype(args.dtype, device))
     examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
                               train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
-    model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
+    sharding, _ = choose_sharding(args.sharding, read_model_config(args.model), dtype, d)
+    model = load_model(args.model, d, dtype, sharding)
     tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
     summaries, details = [], []
     for k, fold in enumerate(folds):
         if args.adapter:
             load_adapter_or_fail(args.adapter[k], model, args.task, fold, args.split)
-        result = evaluate(model, tokenizer, args.task, examples[k], batch_size=args.eval_batch_size,
-                          progress=not args.quiet, prefix_cache=not args.no_prefix_cache)
+        result = evaluate_split(model, tokenizer, args.task, examples[k], d, batch_size=args.eval_batch_size,
+                                progress=not args.quiet and d.main, prefix_cache=not args.no_prefix_cache)
         if args.task == "truthfulqa":
             result["summary"]["fold"] = fold
             details += [{"fold": fold, **d} for d in result["details"]]
@@ -297,7 +323,8 @@ def run(args) -> dict:
         summaries.append(result["summary"])
     summary = mean_over_folds(summaries) if len(summaries) > 1 else summaries[0]
     config = {"task": args.task, "model": args.model, "adapter": args.adapter, "split": args.split,
-              "folds": folds, "limit": args.limit, "dtype": str(dtype).removeprefix("torch."), "device": device}
+              "folds": folds, "limit": args.limit, "dtype": str(dtype).removeprefix("torch."), "device": device,
+              "world_size": d.world, "sharding": d.sharding}
     return {"config": config, "summary": summary, "details": details}
 
 
@@ -321,12 +348,17 @@ def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int, split: s
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        results = run(args)
+        d = setup_distributed(args.device)
+        try:
+            results = run(args, d)
+        finally:
+            close_distributed()
     except LofitError as err:
-        return report_error(err)
-    if args.out is not None:
+        return report_error(err, print_message=os.environ.get("RANK", "0") == "0")
+    if d.main and args.out is not None:
         write_json_atomically(args.out, results)
-    print(json.dumps(results["summary"], indent=1))
+    if d.main:
+        print(json.dumps(results["summary"], indent=1))
     return 0
 
 

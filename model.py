@@ -224,6 +224,8 @@ class Attention(nn.Module):
     default, which is exactly the base model. Another form of edit (lofit.Intervention) adds its own
     `lofit_*` parameters and sets `lofit_edit`, which then runs right after. `lofit_enabled = False`
     switches every edit off (e.g. for reference log-probs) without touching the values.
+    from_pretrained makes every lofit_* parameter fp32 in a model of any dtype (so AdamW's state is
+    fp32 too), and the edit is computed in fp32.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -259,11 +261,15 @@ class Attention(nn.Module):
         return self.o_proj(z.reshape(B, T, self.n_heads * self.head_dim))
 
     def intervene(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, T, H, hd) edited per head: LoFiT's scale and bias, then any installed form's edit."""
-        z = (1 + self.lofit_A) * z + self.lofit_v  # LoFiT: per-head scale and bias, (H, hd) broadcast
+        """z (B, T, H, hd) edited per head: LoFiT's scale and bias, then any installed form's edit.
+
+        Computed in fp32 (the lofit_* parameters are fp32) whatever the model's dtype, since in
+        bf16 1 + 1e-3 == 1; the result is rounded once to z's dtype for o_proj.
+        """
+        edited = (1 + self.lofit_A) * z.float() + self.lofit_v  # LoFiT: per-head scale and bias, (H, hd) broadcast
         if self.lofit_edit is not None:
-            z = self.lofit_edit(self, z)  # LoFiT: another form's edit (lofit.install), e.g. examples/
-        return z
+            edited = self.lofit_edit(self, edited)  # LoFiT: another form's edit (lofit.install), e.g. examples/
+        return edited.to(z.dtype)
 
 
 class MLP(nn.Module):
@@ -380,11 +386,11 @@ class Llama(nn.Module):
             raise CheckpointError(f"checkpoint {where} does not match {described_by}: "
                                   f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                                   f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-        for block in model.layers:  # every lofit_* parameter starts at zero: the base model
+        for block in model.layers:  # every lofit_* parameter starts at zero (the base model), in fp32
             attn = block.self_attn
             for param_name, param in list(attn.named_parameters(recurse=False)):
                 if param_name.startswith("lofit_"):
-                    setattr(attn, param_name, nn.Parameter(torch.zeros_like(param, device=device, dtype=dtype)))
+                    setattr(attn, param_name, nn.Parameter(torch.zeros_like(param, device=device, dtype=torch.float32)))
         model.load_state_dict(loaded, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight

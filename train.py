@@ -12,26 +12,10 @@ a heads.json). Stage 2 starts again from the base model and trains the chosen fo
 the paper's per task and model (PAPER_TABLE); every flag overrides one of them. Each optimiser
 step is logged to metrics.jsonl (and to wandb with --wandb PROJECT).
 
-The number of processes never changes the result:
-- Data order: each epoch is a permutation of the whole training set drawn from a generator seeded
-  with seed + epoch; it is cut into global batches of --batch-size examples.
-- A global batch is split into equal per-rank shares, each run as micro-batches of at most
-  --micro-batch-size. Every micro-batch loss is a SUM divided by the global batch's normaliser
-  (CE: its number of answer tokens; DPO: its number of pairs), so summing gradients over all
-  micro-batches and ranks gives exactly the single-process gradient of the batch mean. A rank with
-  nothing left runs a filler micro-batch with weight 0, so every rank makes the same calls.
-- Gradient sync: the LoFiT parameters are plain, replicated tensors on every rank. After the last
-  micro-batch their gradients are summed with one all_reduce; clipping and AdamW then run on
-  identical numbers everywhere, so the replicas never drift. The frozen base weights are sharded
-  with FSDP2 (fully_shard on every Block, LoFiT parameters left out via ignored_params), which
-  gathers each layer's weights just in time; they have no gradients, so nothing else is reduced.
-  Embeddings, final norm and lm_head stay replicated (losses and evaluation call model.hidden_states
-  and model.lm_head directly, outside any wrapped forward). This runs on NCCL (GPU) and gloo (CPU).
-- A and v are initialised from a generator seeded with --seed, the same on every rank.
-The DPO reference pass and the evaluation run on every rank over all examples: under FSDP every
-rank must join every forward pass, and generation lengths depend on the examples.
-Only rank 0 writes files and shows progress. Checkpoints after every epoch (atomic) let --resume
-continue a killed run to the same adapter as an uninterrupted one.
+Under torchrun the result does not depend on the number of processes; the frozen base is
+replicated or sharded (--sharding), and the DPO reference pass and evaluation are split across
+ranks: distributed.py says how. Only rank 0 writes files and shows progress. Checkpoints after
+every epoch (atomic) let --resume continue a killed run to the same adapter as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -45,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from adapter import save_adapter
@@ -57,13 +40,27 @@ from cli import (
     check_flags,
     check_out_dir,
     report_error,
-    resolve_device,
     resolve_dtype,
     resolve_intervention,
 )
 from data import TASK_INFO, TASKS, collate, load_examples, tokenize_ce, tokenize_dpo
+from distributed import (
+    Dist,
+    add_sharding_flag,
+    barrier,
+    choose_sharding,
+    close_distributed,
+    evaluate_split,
+    gather_lists,
+    load_model,
+    lockstep,
+    rank_share,
+    rank_slice,
+    same_on_every_rank,
+    setup_distributed,
+    sync_gradients,
+)
 from errors import LofitError
-from eval import evaluate
 from heads import plot_heads, random_ranking, read_heads_file, write_heads_file
 from iti import fit_iti
 from lofit import (
@@ -80,7 +77,7 @@ from lofit import (
     setup_stage2,
     trainable_count,
 )
-from model import Llama, read_model_config
+from model import read_model_config
 from runlog import StepLog
 from tokenizer import load_tokenizer
 
@@ -110,18 +107,6 @@ class Hparams:
     k: int
     dtype: str
     source: str
-
-
-@dataclass
-class Dist:
-    """This process's place in the job: rank, number of processes, and its device."""
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def resolve_hparams(args, config, device_type: str) -> Hparams:
@@ -161,6 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LoFiT: stage 1 (head selection), stage 2 (bias tuning), evaluation.")
     p.add_argument("--task", required=True, choices=TASKS)
     add_common_flags(p)
+    add_sharding_flag(p)
     p.add_argument("--out", help="output directory (default runs/<task>)")
     p.add_argument("--stage", choices=("1", "2", "both"), help="default: both, or 2 when heads come from elsewhere")
     p.add_argument("--heads", help="heads.json of an earlier run: skip stage 1 and use its ranking")
@@ -234,6 +220,7 @@ class Settings:
     heads: str | None  # the --heads file
     given: list | None  # its ranking
     hp: Hparams  # lr_a, l1, lr_v, k, dtype and where they came from
+    sharding: tuple[str, str]  # under torchrun: ("replicate" or "shard", why), distributed.choose_sharding
     intervention: Intervention  # stage 2's form, with its hyperparameters
     epochs: int
     batch_size: int
@@ -255,7 +242,7 @@ class Settings:
     def key(self) -> dict:
         """What decides the result; --resume refuses a checkpoint made with another key."""
         control = {"out", "overwrite", "resume", "stop_after", "micro_batch_size", "limit", "no_eval",
-                   "eval_batch_size", "given", "hp", "intervention", "wandb"}
+                   "eval_batch_size", "given", "hp", "intervention", "wandb", "sharding"}
         own = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in control}
         hp = {k: v for k, v in asdict(self.hp).items() if k != "source"}
         return {**own, **hp, "intervention": {"name": self.intervention.name, **self.intervention.hparams()}}
@@ -274,8 +261,9 @@ def settings_from_flags(args, d: Dist) -> Settings:
     if given is not None and hp.k > len(given):
         raise UsageError(f"K = {hp.k} but --heads {args.heads} ranks only {len(given)} heads; pass a smaller --k")
     own = {name: getattr(args, name) for name in Settings.__dataclass_fields__ if hasattr(args, name)}
+    sharding = choose_sharding(args.sharding, config, getattr(torch, hp.dtype), d)
     return Settings(**{**own, "out": Path(args.out), "given": given, "hp": hp,
-                       "intervention": form})
+                       "intervention": form, "sharding": sharding})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,51 +288,9 @@ def choose_heads(run: Run, model, tokenizer, examples, data: TrainData, resume, 
     if s.head_selection == "random":
         return random_ranking(model.config.n_layers, model.config.n_heads, s.seed), f"random heads, seed {s.seed}"
     val = load_examples(s.task, "val", fold=s.fold, data_dir=s.data_dir)
-    probes = fit_iti(model, tokenizer, examples, val, batch_size=s.eval_batch_size, progress=run.d.main)
+    with lockstep(model, run.d):  # a sharded base: every rank joins every forward pass
+        probes = fit_iti(model, tokenizer, examples, val, batch_size=s.eval_batch_size, progress=run.d.main)
     return [tuple(r) for r in probes.ranking()], "ITI probe accuracy on the validation questions"
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes and model
-
-
-def setup_distributed(args) -> Dist:
-    """Join the torchrun job if there is one: NCCL with one GPU per process, else gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = resolve_device(args.device).startswith("cuda")
-    if world == 1:
-        return Dist(device=torch.device(resolve_device(args.device)))
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Dist(dist.get_rank(), world, device)
-
-
-def load_model(args, d: Dist, dtype: torch.dtype) -> Llama:
-    """The base model; with several processes its blocks' frozen weights are sharded with FSDP2.
-
-    Each rank reads the checkpoint into CPU memory and keeps only its shards (on its device), one
-    rank at a time, so host memory never holds more than one full copy.
-    """
-    if d.world == 1:
-        return Llama.from_pretrained(args.model, dtype=dtype, device=d.device)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(d.device.type, (d.world,))
-    for turn in range(d.world):
-        if turn == d.rank:
-            model = Llama.from_pretrained(args.model, dtype=dtype, device="cpu")
-            lofit_params = {p for name, p in model.named_parameters() if ".lofit_" in name}
-            for block in model.layers:  # moves the block to d.device, keeps this rank's shard
-                fully_shard(block, mesh=mesh, ignored_params=lofit_params)
-            for p in lofit_params:  # replicated and trained on every rank (see the module docstring)
-                p.data = p.data.to(d.device)
-            for module in (model.embed_tokens, model.norm, model.lm_head):  # replicated too
-                module.to(d.device)
-            model.inv_freq = model.inv_freq.to(d.device)
-        dist.barrier()
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,11 +337,16 @@ def pair_logprobs(model, data: TrainData, chunk: list[int], device) -> torch.Ten
 
 
 @torch.no_grad()
-def reference_logprobs(model, data: TrainData, batch_size: int, device) -> torch.Tensor:
-    """DPO's reference: every pair's log-probs under the base model (LoFiT off), computed once."""
-    with offsets_disabled(model):
-        chunks = [list(range(i, min(i + batch_size, len(data.items)))) for i in range(0, len(data.items), batch_size)]
-        return torch.cat([pair_logprobs(model, data, c, device).float() for c in chunks])  # (N, 2)
+def reference_logprobs(model, data: TrainData, batch_size: int, d: Dist) -> torch.Tensor:
+    """DPO's reference: every pair's log-probs under the base model (LoFiT off), computed once.
+
+    Each rank computes its rank_slice of the pairs; every rank gets all of them, in order.
+    """
+    mine = list(range(len(data.items)))[rank_slice(len(data.items), d)]
+    with offsets_disabled(model), lockstep(model, d):
+        rows = [pair_logprobs(model, data, mine[i:i + batch_size], d.device).float().cpu()
+                for i in range(0, len(mine), batch_size)]
+    return torch.cat(gather_lists(rows, d)).to(d.device)  # (N, 2)
 
 
 def micro_batch_loss(model, data: TrainData, chunk: list[int], normaliser: int, beta: float, device):
@@ -413,18 +364,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     """The global batches of one epoch: a permutation seeded with seed + epoch, cut in order."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def rank_share(batch: list[int], d: Dist, micro: int) -> list[tuple[list[int], float]]:
-    """This rank's micro-batches of a global batch, each with its weight: 1, or 0 for a filler.
-
-    Every rank gets the same number of micro-batches (FSDP needs all ranks in every forward), so a
-    rank whose share is short runs the batch's first example with weight 0.
-    """
-    share = -(-len(batch) // d.world)  # ceil
-    mine = batch[d.rank * share:(d.rank + 1) * share]
-    chunks = [mine[i:i + micro] for i in range(0, share, micro)]
-    return [(chunk, 1.0) if chunk else (batch[:1], 0.0) for chunk in chunks]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,22 +386,6 @@ class Stopped(Exception):
 def log(d: Dist, message: str):
     if d.main:
         print(message, flush=True)
-
-
-def sync_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Sum the LoFiT gradients and the loss over all ranks with one all_reduce; return the summed loss."""
-    if d.world == 1:
-        return loss_sum
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.flatten().float() for p in params] + [loss_sum.view(1)])
-    dist.all_reduce(flat)  # SUM
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
-    return flat[-1]
 
 
 def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=None, extra=None) -> list[float]:
@@ -548,6 +471,7 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
     resume = load_checkpoint(s.out, s.key()) if s.resume else None
     record = {"flags": flags, "resolved": asdict(s.hp), "intervention": s.key()["intervention"],
               "world_size": d.world, "device": str(d.device),
+              "sharding": {"choice": s.sharding[0], "reason": s.sharding[1]},
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     tokenizer = load_tokenizer(s.model, backend=s.tokenizer)
     examples = load_examples(s.task, "train", fold=s.fold, data_dir=s.data_dir, train_size=s.train_size, seed=s.seed)
@@ -558,23 +482,23 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
                f"{TASK_INFO[s.task].max_len} tokens, so no answer token is left after the cut; they add no "
                f"loss (as in the original)")
     log(d, "LoFiT " + json.dumps({**flags, **asdict(s.hp), "world_size": d.world}, indent=1))
-    if d.world > 1:
-        dist.barrier()  # every rank has checked --out before rank 0 touches it
+    log(d, f"frozen base: {s.sharding[0]} ({s.sharding[1]})")
+    barrier(d)  # every rank has checked --out before rank 0 touches it
     if d.main:
         s.out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUT_FILES if s.overwrite else ():
             (s.out / name).unlink(missing_ok=True)
         write_json_atomically(s.out / "config.json", record)
 
-    model = load_model(s, d, getattr(torch, s.hp.dtype))
+    model = load_model(s.model, d, getattr(torch, s.hp.dtype), s.sharding[0])
     if data.loss == "dpo":
-        data.reference = reference_logprobs(model, data, s.eval_batch_size, d.device)
+        data.reference = reference_logprobs(model, data, s.eval_batch_size, d)
     run = Run(s, d, StepLog(s.out, d.main, s.wandb, record))
     log(d, f"{len(examples)} training examples, {len(test)} test examples; loss {data.loss}")
 
     metrics = {"train_loss": {}}
     try:
-        ranking, source = choose_heads(run, model, tokenizer, examples, data, resume, metrics)
+        ranking, source = same_on_every_rank(choose_heads(run, model, tokenizer, examples, data, resume, metrics), d)
         selected = select_heads([HeadScore(*r) for r in ranking], k=s.hp.k)
         if d.main:
             write_heads_file(s.out / "heads.json", ranking, selected, task=s.task, model=s.model, source=source,
@@ -594,7 +518,7 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
         run.log.close()
         return 0
     if not s.no_eval:
-        result = evaluate(model, tokenizer, s.task, test, batch_size=s.eval_batch_size, progress=d.main)
+        result = evaluate_split(model, tokenizer, s.task, test, d, batch_size=s.eval_batch_size, progress=d.main)
         metrics["test"] = result["summary"]
         log(d, "test: " + json.dumps(result["summary"]))
         if d.main:
@@ -624,12 +548,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         validate(args)
-        d = setup_distributed(args)
+        d = setup_distributed(args.device)
         try:
             return run_pipeline(settings_from_flags(args, d), d, vars(args))
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            close_distributed()
     except LofitError as e:
         return report_error(e, print_message=os.environ.get("RANK", "0") == "0")
 

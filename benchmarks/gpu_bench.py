@@ -16,10 +16,17 @@ trained head, L layers:
              and in layer l0 only its MLP and o_proj (2*N*(P_mlp + P_o)): v enters at o_proj's input.
 Elementwise work (norms, RoPE, softmax, SiLU) is not counted. The same count is used for both
 sides, so the baseline's full-vocabulary logits count as waste, not as useful FLOPs.
+
+The convention: 2 FLOPs per multiply-add, the FLOPs this step NEEDS (not the 6 * parameters *
+tokens of full fine-tuning, which would count weight gradients a frozen base never computes, and
+not the hardware FLOPs actually executed, e.g. full causal score matrices), over the GPU's dense
+bf16 tensor-core peak (PEAK_TFLOPS; sparsity figures halved). MFU numbers from the 6N convention
+are therefore not comparable with these: the same step scores up to 1.5x higher there.
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import train_bench  # noqa: E402
@@ -35,9 +42,11 @@ SHAPES = {
                  n_kv_heads=8, head_dim=8),  # to check this code path on a CPU
 }
 
-# Dense bf16 tensor-core peaks (NVIDIA data sheets, without sparsity); the first match of the name wins.
-PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
-               ("L4", 121.0), ("A10", 125.0)]
+# Dense bf16 tensor-core peaks in TFLOP/s: NVIDIA data sheets' figures without sparsity (half the
+# "with sparsity" ones). A key matches whole words of torch.cuda.get_device_name() ("NVIDIA H100 NVL"
+# is an H100 NVL, not an H100 SXM; "NVIDIA L40" is not an L4); the first match wins.
+PEAK_TFLOPS = [("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.0), ("H100", 989.4),
+               ("A100", 312.0), ("L40S", 362.05), ("L40", 181.05), ("L4", 121.0), ("A10", 125.0)]
 
 
 def random_model(shape: dict, dtype, device, seed: int = 0) -> Llama:
@@ -51,8 +60,8 @@ def random_model(shape: dict, dtype, device, seed: int = 0) -> Llama:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif ".lofit_" in name:
-                p.zero_()
+            elif ".lofit_" in name:  # fp32 in a bf16 model, as Llama.from_pretrained makes them
+                p.data = torch.zeros_like(p, dtype=torch.float32)
             else:
                 p.normal_(0.0, 0.02)
     model.inv_freq = rope_inv_freq(config).to(device)
@@ -87,11 +96,20 @@ def stage2_step_flops(config: LlamaConfig, batch: int, seq: int, loss_tokens: in
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
+def peak_for(name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of a GPU named `name`, or None when PEAK_TFLOPS lacks it."""
+    words = re.split(r"[^A-Z0-9]+", name.upper())  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB
+    for key, tflops in PEAK_TFLOPS:
+        n = len(key.split())
+        if any(words[i:i + n] == key.upper().split() for i in range(len(words))):
+            return tflops
+    return None
+
+
 def peak_tflops(args) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
+    return peak_for(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def run(args) -> tuple[list[Row], dict]:

@@ -5,11 +5,15 @@ import torch
 import cli
 import iti
 import train
+from model import LlamaConfig
 
 
-def test_dtype_auto_is_bfloat16_on_cuda_and_float32_elsewhere():
-    assert cli.resolve_dtype("auto", "cuda") == cli.resolve_dtype("auto", "cuda:1") == "bfloat16"
+def test_dtype_auto_is_float32_everywhere():
+    """The paper trained in fp32; bf16 changes the method (README), so it is never chosen silently."""
+    assert cli.resolve_dtype("auto", "cuda") == cli.resolve_dtype("auto", "cuda:1") == "float32"
     assert cli.resolve_dtype("auto", "cpu") == "float32"
+    assert train.resolve_hparams(train.parse_args(["--task", "mquake"]), LlamaConfig(), "cuda").dtype == \
+        "float32"
     assert cli.resolve_dtype("float16", "cpu") == "float16" and cli.resolve_dtype("float32", "cuda") == "float32"
 
 

@@ -278,7 +278,7 @@ def test_summed_micro_batch_gradients_equal_the_full_batch_gradient(task):
     examples = load_examples(task, "train", data_dir=shared_path("datasets"), train_size=6, seed=1)
     data = train.tokenize_training_set(task, examples, tokenizer)
     if data.loss == "dpo":
-        data.reference = train.reference_logprobs(model, data, 4, "cpu")
+        data.reference = train.reference_logprobs(model, data, 4, train.Dist())
     params = lofit.setup_stage1(model, init_std=0.1, generator=torch.Generator().manual_seed(0))
     batch = [4, 0, 5, 2, 1]
 

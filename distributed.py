@@ -1,0 +1,346 @@
+"""Running under torchrun: processes, replicating or sharding the frozen base, gradient sync, shared work.
+
+    torchrun --standalone --nproc_per_node 8 train.py --task truthfulqa      # NCCL, one GPU per process
+    torchrun --standalone --nproc_per_node 2 eval.py --task mquake --model M  # gloo on a CPU
+
+The number of processes never changes the result:
+- Data order: each epoch is a permutation of the whole training set drawn from a generator seeded
+  with seed + epoch; it is cut into global batches of --batch-size examples.
+- A global batch is split into equal per-rank shares (rank_share), each run as micro-batches of at
+  most --micro-batch-size. Every micro-batch loss is a SUM divided by the global batch's normaliser
+  (CE: its number of answer tokens; DPO: its number of pairs), so summing gradients over all
+  micro-batches and ranks gives exactly the single-process gradient of the batch mean. A rank with
+  nothing left runs a filler micro-batch with weight 0, so every rank makes the same calls.
+- Gradient sync: the LoFiT parameters (fp32, also in a bf16 model) are plain, replicated tensors on
+  every rank. After the last micro-batch their gradients are summed with one all_reduce
+  (sync_gradients); clipping and AdamW then run on identical numbers everywhere, so the replicas
+  never drift. The base is frozen before anything else happens: no base tensor ever requires or
+  holds a gradient, so nothing else is ever reduced.
+- A and v are initialised from a generator seeded with --seed, the same on every rank; head
+  rankings (stage 1's, ITI's) are rank 0's, broadcast (same_on_every_rank).
+
+The frozen base (choose_sharding; --sharding overrides auto, and the choice is printed and saved):
+- replicate (auto picks it when the base weights take at most half of one device's memory): every
+  rank holds the whole base and runs its forward passes on its own. Only the LoFiT gradients
+  travel (one all_reduce per step): for 7B/13B at batch 8 this is the fast choice.
+- shard: FSDP2. Every Block is a fully_shard unit and the Llama is the root (its own embeddings,
+  final norm and lm_head, and every LoFiT parameter, are left out and stay replicated), with
+  model.hidden_states registered as a forward method. So each block's weights are all-gathered
+  just before it runs and freed right after (forward and backward): a rank holds 1/world of the
+  blocks plus about one gathered block. Each rank reads only its own rows of every block tensor
+  from the safetensors files (load_sharded), all ranks at once.
+Every rank must then join every forward pass. Training makes the same calls on every rank by
+construction; the DPO reference pass, evaluation and ITI's activations run inside lockstep(), where
+a rank that has finished its own work joins the others' forward passes with a one-token dummy
+until all are done (generation lengths depend on the examples).
+
+Shared work: the DPO reference pass and evaluation are split across ranks (rank_slice: contiguous
+equal shares) and gathered in order on every rank (gather_lists), so 8 processes do 1/8 each.
+The process group waits PROCESS_GROUP_TIMEOUT (not NCCL's 10 minutes) for a slow rank, e.g. one
+still reading a 70B checkpoint. Only rank 0 writes files and shows progress.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from cli import UsageError, resolve_device
+from hub import resolve_model_dir
+from model import CheckpointError, Llama, checkpoint_files, hf_name, read_config, rope_inv_freq
+
+SHARDINGS = ("auto", "replicate", "shard")
+PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
+FIT_FRACTION = 0.5  # auto replicates a base whose weights take at most this share of one device's memory
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: rank, number of processes, its device, how the base is held."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    sharding: str = "replicate"  # set by load_model: "replicate" or "shard"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def add_sharding_flag(parser) -> None:
+    """Add --sharding {auto,replicate,shard} (see choose_sharding)."""
+    parser.add_argument("--sharding", choices=SHARDINGS, default="auto",
+                        help="under torchrun: replicate the frozen base on every device, or shard it with FSDP2; "
+                             "auto replicates when the weights take at most half of one device's memory")
+
+
+def setup_distributed(device_flag: str) -> Dist:
+    """Join the torchrun job if there is one: NCCL with one GPU per process, else gloo on the CPU.
+
+    Under torchrun a process group is made even for one process (so --sharding shard runs FSDP2
+    on one GPU too); a plain `python train.py` makes none.
+    """
+    cuda = resolve_device(device_flag).startswith("cuda")
+    if "WORLD_SIZE" not in os.environ:
+        return Dist(device=torch.device(resolve_device(device_flag)))
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# The sharding choice and loading
+
+
+def base_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of the base model's weights in `dtype` (a tied embedding counted once)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    return sum(p.numel() for n, p in model.named_parameters() if ".lofit_" not in n) * dtype.itemsize
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes one process may use: the GPU's memory, or on a CPU the host's RAM over its local ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local
+
+
+def choose_sharding(requested: str, config, dtype: torch.dtype, d: Dist) -> tuple[str, str]:
+    """("replicate" or "shard", why): auto replicates the base when it fits in FIT_FRACTION of the device.
+
+    Raises:
+        UsageError: shard was asked for outside torchrun.
+    """
+    weights = base_bytes(config, dtype)
+    if requested == "shard" and not dist.is_initialized():
+        raise UsageError("--sharding shard needs torchrun (e.g. torchrun --nproc_per_node 1 train.py ...)")
+    if requested != "auto":
+        return requested, f"--sharding {requested}"
+    if d.world == 1:
+        return "replicate", "one process"
+    memory = device_memory(d.device)
+    fits = weights <= FIT_FRACTION * memory
+    return ("replicate" if fits else "shard"), \
+        f"auto: base weights {weights / 2**30:.2f} GiB {'<=' if fits else '>'} {FIT_FRACTION:g} x " \
+        f"{memory / 2**30:.1f} GiB of {d.device.type} memory per process"
+
+
+def load_model(name: str, d: Dist, dtype: torch.dtype, sharding: str) -> Llama:
+    """The base model with its base weights frozen, held on d.device as `sharding` says."""
+    d.sharding = sharding
+    if sharding == "shard":
+        model = load_sharded(name, d, dtype)
+    else:
+        model = Llama.from_pretrained(name, dtype=dtype, device=d.device)
+    for param_name, p in model.named_parameters():
+        if ".lofit_" not in param_name:
+            p.requires_grad_(False)
+    return model
+
+
+def load_sharded(name: str, d: Dist, dtype: torch.dtype) -> Llama:
+    """A Llama whose blocks are FSDP2-sharded over the job's ranks, each rank reading only its rows.
+
+    Built on the meta device and frozen before fully_shard (so the sharded parameters never
+    require gradients); then each block tensor's dim-0 slice that this rank keeps (FSDP2's
+    torch.chunk layout) is read from the safetensors files; embeddings, final norm and lm_head are
+    read whole. The same checks as Llama.from_pretrained: every tensor present with its shape.
+    """
+    from safetensors import SafetensorError, safe_open
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import DTensor
+
+    import gguf_checkpoint
+    if gguf_checkpoint.is_gguf(name):
+        raise UsageError(f"--sharding shard reads each rank's rows from safetensors files; {name} is a GGUF file, "
+                         f"which is read whole: pass --sharding replicate")
+    directory = resolve_model_dir(name)
+    config = read_config(directory)
+    with torch.device("meta"):
+        model = Llama(config).to(dtype)
+        for block in model.layers:  # LoFiT parameters stay fp32 (as from_pretrained makes them)
+            attn = block.self_attn
+            for param_name, param in list(attn.named_parameters(recurse=False)):
+                if param_name.startswith("lofit_"):
+                    setattr(attn, param_name, nn.Parameter(torch.zeros(param.shape, dtype=torch.float32)))
+    model.requires_grad_(False)
+    lofit = {p for n, p in model.named_parameters() if ".lofit_" in n}
+    replicated = lofit | {p for m in (model.embed_tokens, model.norm, model.lm_head) for p in m.parameters()}
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=lofit)
+    fully_shard(model, mesh=mesh, ignored_params=replicated)  # the root: blocks reshard after forward
+    register_fsdp_forward_method(model, "hidden_states")  # losses and evaluation call it, not forward
+    model.to_empty(device=d.device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    expected = {hf_name(n): n for n in params if ".lofit_" not in n}
+    loaded, unexpected = set(), []
+    with torch.no_grad():
+        for file in checkpoint_files(directory):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        tied_copy = key == "lm_head.weight" and config.tie_word_embeddings
+                        if key.endswith("rotary_emb.inv_freq") or tied_copy:
+                            continue
+                        if key not in expected:
+                            unexpected.append(key)
+                            continue
+                        param, rows = params[expected[key]], f.get_slice(key)
+                        if tuple(rows.get_shape()) != tuple(param.shape):
+                            raise CheckpointError(f"{file.name}: {key} has shape {tuple(rows.get_shape())}, "
+                                                  f"config.json implies {tuple(param.shape)}")
+                        if isinstance(param, DTensor):
+                            local = param.to_local()  # this rank's rows, a view into FSDP's storage
+                            start = min(d.rank * -(-param.shape[0] // d.world), param.shape[0])
+                            assert local.shape[0] == min(param.shape[0] - start, -(-param.shape[0] // d.world))
+                            if local.shape[0]:
+                                local.copy_(rows[start:start + local.shape[0]])
+                        else:
+                            param.copy_(rows[:])
+                        loaded.add(key)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); re-download it") from None
+        missing = sorted(set(expected) - loaded)
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {directory} does not match its config.json: missing {missing[:8]}, "
+                                  f"unexpected {unexpected[:8]}")
+        for n, p in model.named_parameters():  # to_empty made new parameter objects: look them up again
+            if ".lofit_" in n:
+                p.zero_()
+    model.inv_freq = rope_inv_freq(config).to(d.device)
+    model.source = str(name)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: each rank's share of a batch, and the gradient sum
+
+
+def rank_share(batch: list[int], d: Dist, micro: int) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of a global batch, each with its weight: 1, or 0 for a filler.
+
+    Every rank gets the same number of micro-batches (a sharded base needs all ranks in every
+    forward), so a rank whose share is short runs the batch's first example with weight 0.
+    """
+    share = -(-len(batch) // d.world)  # ceil
+    mine = batch[d.rank * share:(d.rank + 1) * share]
+    chunks = [mine[i:i + micro] for i in range(0, share, micro)]
+    return [(chunk, 1.0) if chunk else (batch[:1], 0.0) for chunk in chunks]
+
+
+def sync_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum the LoFiT gradients and the loss over all ranks with one all_reduce; return the summed loss."""
+    if d.world == 1:
+        return loss_sum
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten().float() for p in params] + [loss_sum.view(1).float()])
+    dist.all_reduce(flat)  # SUM
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+    return flat[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Work split across ranks, and keeping ranks in step
+
+
+def rank_slice(n: int, d: Dist) -> slice:
+    """This rank's contiguous share of n items: ceil(n / world) of them (fewer or none on the last ranks)."""
+    share = -(-n // d.world)
+    return slice(min(d.rank * share, n), min((d.rank + 1) * share, n))
+
+
+def gather_lists(items: list, d: Dist) -> list:
+    """Every rank's `items` (picklable; e.g. its rank_slice's results) joined in rank order, on every rank."""
+    if d.world == 1:
+        return items
+    parts = [None] * d.world
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def barrier(d: Dist) -> None:
+    """Wait until every rank gets here."""
+    if d.world > 1:
+        dist.barrier()
+
+
+def same_on_every_rank(obj, d: Dist):
+    """Rank 0's `obj` on every rank (e.g. a head ranking), so ranks can never disagree on it."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _any_rank(flag: bool, d: Dist) -> bool:
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def lockstep(model: Llama, d: Dist):
+    """Inside this block every rank makes the same number of model.hidden_states calls.
+
+    Needed where the base is sharded and ranks do different amounts of work (their own slice of
+    the evaluation; generation that stops early). Each call first tells the others it is coming
+    (one all_reduce of a flag); on leaving, a rank joins the calls still made elsewhere with a
+    one-token dummy forward until no rank has any left. A no-op when the base is replicated.
+    """
+    if d.sharding != "shard" or d.world == 1:
+        yield
+        return
+    real = model.hidden_states  # the FSDP-registered method
+
+    def announced(*args, **kwargs):
+        _any_rank(True, d)
+        return real(*args, **kwargs)
+
+    model.hidden_states = announced
+    try:
+        yield
+    except BaseException:
+        model.hidden_states = real  # torchrun stops the other ranks when this one fails
+        raise
+    model.hidden_states = real
+    dummy = torch.zeros(1, 1, dtype=torch.long, device=d.device)
+    with torch.no_grad():
+        while _any_rank(False, d):
+            real(dummy)
+
+
+def evaluate_split(model, tokenizer, task: str, examples: list, d: Dist, **kwargs) -> dict:
+    """eval.evaluate with the examples split across ranks; the same summary and details on every rank."""
+    from eval import evaluate, summarize
+    if d.world == 1 or not examples:
+        return evaluate(model, tokenizer, task, examples, **kwargs)
+    mine = examples[rank_slice(len(examples), d)]
+    with lockstep(model, d):
+        details = evaluate(model, tokenizer, task, mine, **kwargs)["details"] if mine else []
+    details = gather_lists(details, d)
+    return {"summary": summarize(task, details), "details": details}
