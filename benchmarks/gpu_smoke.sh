@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every CUDA code path once, on one GPU, in a few minutes, and say what was checked.
+# Run every CUDA code path once on one GPU (meant to take a few minutes; not yet run on one) and say what was checked.
 #
 #   bash benchmarks/gpu_smoke.sh            # on a machine with a GPU (needs ../shared beside the repo)
 #   bash benchmarks/gpu_smoke.sh --cpu      # the same steps on the CPU (gloo), as the test suite runs it
