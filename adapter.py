@@ -70,6 +70,11 @@ def _sha(config: dict) -> str:
 # Adapter files
 
 
+def nonfinite(tensors: dict) -> list[str]:
+    """The names of the floating-point tensors in `tensors` that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | None = None) -> None:
     """Write the offsets of `heads` to a safetensors adapter file, atomically.
 
@@ -80,6 +85,8 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
         stage: 1 (A trained) or 2 (v trained). task: The task name. hparams: JSON-able settings.
 
     Warns when the model has non-zero offsets on heads not in `heads` (the file cannot reproduce it).
+    Raises AdapterError when an offset holds NaN or infinity (such a file would poison every model it
+    is loaded onto).
     """
     from safetensors.torch import save_file
     n_layers, n_heads = model.config.n_layers, model.config.n_heads
@@ -98,6 +105,8 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
         lofit_key = key in ("A", "v")  # LoFiT files always hold v, and A after stage 1; other forms' rows always
         if not lofit_key or rows.any() or (lofit_only and (key == "v" or stage == 1)):
             tensors[key] = rows.contiguous()
+    if bad := nonfinite({k: v for k, v in tensors.items() if k != "heads"}):
+        raise AdapterError(f"the offsets ({', '.join(bad)}) hold NaN or infinity; {path} was not written")
     chosen = set(heads)
     left_out = [(layer, h) for layer, h in every if (layer, h) not in chosen
                 and any(p[h].any() for p in offset_parameters(attns[layer]).values())]
@@ -127,6 +136,9 @@ def read_adapter(path) -> tuple[dict, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{path} is not a readable safetensors file ({e})") from None
+    if bad := nonfinite(tensors):
+        raise AdapterError(f"{path} holds NaN or infinity in {', '.join(bad)}; it is not a usable adapter "
+                           f"(train it again)")
     if raw.get("format") != FORMAT:
         raise AdapterError(f"{path} is not a LoFiT adapter (no '{FORMAT}' metadata); "
                            f"pass an adapter.safetensors written by train.py or save_adapter")

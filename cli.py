@@ -12,7 +12,8 @@ output directory of train.py and iti.py, and eval.py's results file.
 - UsageError: bad flags or files (a LofitError, as are the other modules' errors); each script's
   main() catches LofitError, prints it with report_error and exits 2.
 - check_flags: the one validator of numeric flags, whichever script has them.
-- check_out_dir: the one --out check (another run's outputs need --overwrite; --resume a checkpoint).
+- check_out_dir / check_out_file: the --out checks from the flags alone (what an --out directory
+  holds is checked under its lock by rundir.claim).
 - resolve_device / resolve_dtype: what --device auto and --dtype auto mean (CUDA when a GPU is
   visible, else the CPU; float32 everywhere), and refusing --device cuda where there is no GPU.
 - existing_outputs: which of a script's output files an --out directory already holds.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -143,6 +145,9 @@ def check_flags(args) -> None:
     """
     def flag(dest):
         return "--" + dest.replace("_", "-")
+    for dest, value in vars(args).items():  # argparse's float() accepts nan and inf
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag(dest)} must be a finite number, got {value}")
     for dest in POSITIVE:
         value = getattr(args, dest, None)
         if value is not None and not value > 0:
@@ -157,33 +162,38 @@ def check_flags(args) -> None:
     resolve_device(args.device)  # refuses --device cuda where there is no GPU
 
 
-def check_out_dir(out: Path, output_files, *, overwrite: bool, resume: bool = False) -> None:
-    """The one --out check of a script writing a directory of outputs, before anything is loaded.
+def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool = False) -> None:
+    """The one check of --out (a directory of outputs) from the flags alone, before anything is loaded.
+
+    What the directory holds (another run's outputs, an unfinished run, a busy directory) is checked
+    by rundir.claim, under the directory's lock, when the run starts.
 
     Raises:
-        UsageError: `out` is a file; it holds another run's outputs without --overwrite or --resume;
-            --resume without a checkpoint there; --resume with --overwrite.
+        UsageError: an empty --out; `out` is a file; --resume with --overwrite.
     """
     if resume and overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    found = existing_outputs(out, output_files)
-    if resume and not (out / "checkpoint.pt").is_file():
-        raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from (finished runs keep none)")
-    if found and not resume and not overwrite:
-        again = ", --resume to continue that run" if "checkpoint.pt" in output_files else ""
-        raise UsageError(f"{out} already holds another run's outputs ({', '.join(found)}); pass --overwrite to "
-                         f"replace them{again}, or choose another --out")
+    if not str(out).strip():
+        raise UsageError("--out is empty; pass an output directory (or leave --out out for the default)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory")
 
 
-def check_out_file(out: Path) -> None:
+def check_out_file(out: str | Path, *, overwrite: bool = False) -> None:
     """The --out check of a script writing one file (eval.py's results), before any work.
 
     Raises:
-        UsageError: `out` is a directory, or its directory is missing or not writable.
+        UsageError: an empty --out; `out` is a directory or exists (without --overwrite); its
+            directory is missing or not writable.
     """
     import os
+    if not str(out).strip():
+        raise UsageError("--out is empty; pass a file name such as results.json (or leave --out out)")
+    out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out} already exists; pass --overwrite to replace it, or choose another name")
     parent = out.parent.resolve()
     if not parent.is_dir():
         raise UsageError(f"output directory {out.parent} does not exist; create it first")

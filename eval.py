@@ -15,7 +15,6 @@ Prompts: data/ and ../shared/docs/tasks.md. Metrics and extraction rules: metric
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from adapter import load_adapter
-from atomic import write_json_atomically
+from atomic import WriteError, json_text, remove_temporaries, write_json_atomically
 from cli import (
     UsageError,
     add_common_flags,
@@ -50,6 +49,21 @@ from errors import LofitError
 from lofit import answer_logprobs
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 from model import KVCache, Llama
+
+
+def warn_beyond_context(model: Llama, lengths: list[int], what: str, show: bool = True) -> int:
+    """Warn once when sequences are longer than the model's max_position_embeddings; return how many are.
+
+    Nothing is cut: positions past the limit were never trained, so scores there are unreliable.
+    """
+    limit = model.config.max_position_embeddings
+    over = sum(n > limit for n in lengths)
+    if over and show:
+        print(f"warning: {over} of {len(lengths)} {what} are longer than the model's max_position_embeddings "
+              f"({limit} tokens; the longest has {max(lengths)}); positions past it were never trained, so "
+              f"their results are unreliable", file=sys.stderr)
+    return over
+
 
 # ----------------------------------------------------------------------------------------------
 # TruthfulQA: summed answer log-probs, batched, with the shared prefix cached once
@@ -126,6 +140,8 @@ def answer_scores(model: Llama, sequences: list[list[int]], answer_starts: list[
 def evaluate_truthfulqa(model, tokenizer, examples, batch_size, progress, prefix_cache=True) -> dict:
     """MC1/MC2/MC3 averaged over questions; details hold every candidate's score."""
     per_question = [mc_sequences(tokenizer, ex) for ex in examples]
+    warn_beyond_context(model, [max(len(s) for s in seqs) for seqs, _, _ in per_question],
+                        "test questions (prompt + longest answer)", progress)
     sequences = [s for seqs, _, _ in per_question for s in seqs]
     starts = [start for seqs, start, _ in per_question for _ in seqs]
     flat = answer_scores(model, sequences, starts, batch_size=batch_size, prefix_cache=prefix_cache,
@@ -192,6 +208,9 @@ def generate_greedy(model: Llama, tokenizer, prompts: list[str], *, max_new_toke
 def evaluate_generation(model, tokenizer, task, examples, batch_size, progress) -> dict:
     """Exact-match accuracy of greedy generations; details hold raw generations and predictions."""
     info = TASK_INFO[task]
+    lengths = [len(ids) + info.max_new_tokens for ids in tokenizer.encode_batch([ex.eval_prompt for ex in examples],
+                                                                                bos=True)]
+    warn_beyond_context(model, lengths, "test prompts (+ the generated tokens)", progress)
     outputs = generate_greedy(model, tokenizer, [ex.eval_prompt for ex in examples],
                               max_new_tokens=info.max_new_tokens, batch_size=batch_size, progress=progress)
     details = []
@@ -266,7 +285,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fold", default="0", choices=["0", "1", "both"],
                    help="TruthfulQA fold; 'both' reports the mean over the two folds (default 0)")
     p.add_argument("--no-prefix-cache", action="store_true", help="TruthfulQA: score every full prompt")
-    p.add_argument("--out", type=Path, default=None, help="write summary and details to this JSON file")
+    p.add_argument("--out", default=None, help="write summary and details to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -281,11 +301,20 @@ def check_args(args) -> list[int]:
     if args.adapter and len(args.adapter) != len(folds):
         raise UsageError(f"give one --adapter per fold: {len(folds)} fold(s), {len(args.adapter)} adapter(s)")
     for path in args.adapter or []:
+        if Path(path).is_dir():
+            inside = " (it holds adapter.safetensors)" if (Path(path) / "adapter.safetensors").is_file() else ""
+            raise UsageError(f"--adapter {path} is a directory{inside}; pass the adapter file, e.g. "
+                             f"{Path(path) / 'adapter.safetensors'}")
         if not Path(path).is_file():
             raise UsageError(f"adapter file {path} does not exist")
+    run_dir = Path(args.model)
+    if (run_dir / "adapter.safetensors").is_file() and not (run_dir / "model.safetensors").exists() \
+            and not (run_dir / "model.safetensors.index.json").exists():
+        raise UsageError(f"--model {args.model} is a train.py/iti.py output directory, not a model: pass the base "
+                         f"model it was trained on with --model and --adapter {run_dir / 'adapter.safetensors'}")
     check_flags(args)
     if args.out is not None:
-        check_out_file(args.out)
+        check_out_file(args.out, overwrite=args.overwrite)
     return folds
 
 
@@ -345,6 +374,24 @@ def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int, split: s
         print(f"warning: adapter {path} was trained on {meta['task']}, evaluated here on {task}", file=sys.stderr)
 
 
+def save_results(path: Path, results: dict) -> int:
+    """Write --out; if that fails, keep the results in a file elsewhere (or on stdout) and say where."""
+    remove_temporaries(path.parent, name=path.name, older_than=600)  # left by a killed eval.py
+    try:
+        write_json_atomically(path, results)
+        return 0
+    except WriteError as err:
+        import tempfile
+        fallback = Path(tempfile.gettempdir()) / f"lofit-results-{os.getpid()}.json"
+        try:
+            write_json_atomically(fallback, results)
+            kept = f"the results were written to {fallback} instead"
+        except WriteError:
+            print(json_text(results, name="results"))
+            kept = "the results are printed above instead"
+        return report_error(UsageError(f"{err}; {kept}"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -355,10 +402,15 @@ def main(argv=None) -> int:
             close_distributed()
     except LofitError as err:
         return report_error(err, print_message=os.environ.get("RANK", "0") == "0")
-    if d.main and args.out is not None:
-        write_json_atomically(args.out, results)
-    if d.main:
-        print(json.dumps(results["summary"], indent=1))
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    if not d.main:
+        return 0
+    print(json_text(results["summary"], name="summary"))
+    if args.out is not None:
+        return save_results(Path(args.out), results)
     return 0
 
 

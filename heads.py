@@ -59,8 +59,30 @@ def random_ranking(n_layers: int, n_heads: int, seed: int) -> list[tuple[int, in
     return [(i // n_heads, i % n_heads, None) for i in order]
 
 
-def plot_heads(path: Path, ranking, selected, config):
-    """A layers x heads heatmap of the stage-1 scores ||A||_2, the K selected heads outlined."""
+def score_meaning(source: str) -> str:
+    """What a ranking's scores are, from its source (heads.json's "source")."""
+    if "stage 1" in source:
+        return "stage-1 ||A||_2"
+    if "ITI" in source:
+        return "ITI probe accuracy"
+    return "score"
+
+
+def heads_file_source(path) -> str:
+    """' (<the source recorded in a heads.json>)', or '' for a plain list of heads."""
+    try:
+        content = json.loads(Path(path).read_text())
+        return f" ({content['source']})" if isinstance(content, dict) and content.get("source") else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def plot_heads(path: Path, ranking, selected, config, source: str = "stage 1 of this run"):
+    """A layers x heads heatmap of the ranking's scores, the K selected heads outlined.
+
+    The title says what the scores are (stage-1 ||A||_2, ITI probe accuracy, ...) and where the
+    ranking came from (`source`, as in heads.json; a --heads file's own source in brackets).
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -79,7 +101,9 @@ def plot_heads(path: Path, ranking, selected, config):
     image = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis")
     for layer, head in selected:
         ax.add_patch(matplotlib.patches.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
-    ax.set(xlabel="head", ylabel="layer", title=f"stage-1 ||A||_2 per head\nK = {len(selected)} selected (red)")
+    where = source if len(source) <= 60 else "..." + source[-57:]
+    ax.set(xlabel="head", ylabel="layer",
+           title=f"{score_meaning(source)} per head\n{where}\nK = {len(selected)} selected (red)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import rundir
 from atomic import write_json_atomically
 from cli import (
     UsageError,
@@ -344,18 +345,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="write the adapter only (score it later with eval.py)")
     p.add_argument("--overwrite", action="store_true", help="replace another run's outputs in --out")
     args = p.parse_args(argv)
-    args.out = args.out or f"runs/iti_{args.task}"
+    args.out = f"runs/iti_{args.task}" if args.out is None else args.out
     return args
 
 
 def check_args(args) -> ITISettings:
-    """Reject bad flags and an --out holding another run, before anything is loaded."""
+    """Reject bad flags before anything is loaded (main then claims --out: rundir.py)."""
     if args.task != "truthfulqa":
         raise UsageError(f"ITI probes true vs false answers, which only truthfulqa has, not {args.task}; "
                          f"to use ITI's heads on {args.task}, run iti.py --task truthfulqa and pass its heads.json "
                          f"to train.py --task {args.task} --heads")
     check_flags(args)
-    check_out_dir(Path(args.out), OUTPUT_FILES, overwrite=args.overwrite)
+    check_out_dir(args.out, overwrite=args.overwrite)
     device = resolve_device(args.device)
     return ITISettings(args.k, args.alpha, args.probe_l2, resolve_dtype(args.dtype, device), device)
 
@@ -389,10 +390,7 @@ def run(args) -> dict:
     heads = select_heads(ranking, k=settings.k)
     apply_iti(model, heads, probes.u, probes.sigma, settings.alpha)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
+    out = Path(args.out)  # held by main (rundir.claim): the run it replaces is kept until this one finishes
     record = {"flags": vars(args), "resolved": asdict(settings), "method": "iti"}
     write_json_atomically(out / "config.json", record)
     config = model.config
@@ -414,16 +412,24 @@ def run(args) -> dict:
         print("test: " + json.dumps(result["summary"]))
     write_json_atomically(out / "metrics.json", metrics)
     write_json_atomically(out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
+    rundir.commit(out, checkpoint=None)
     print(f"outputs in {out}: " + ", ".join(n for n in OUTPUT_FILES if (out / n).exists()))
     return metrics
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
-        run(args)
+        check_args(args)
+        with rundir.claim(args.out, OUTPUT_FILES, overwrite=args.overwrite,
+                          command=rundir.command_line("iti.py", argv)):
+            run(args)
     except LofitError as e:
         return report_error(e)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out} was left as it was before this run", file=sys.stderr)
+        return 130
     return 0
 
 

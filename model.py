@@ -512,11 +512,40 @@ def read_config(directory: Path) -> LlamaConfig:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json: pass a Hugging Face checkpoint directory")
     try:
-        return LlamaConfig.from_hf(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; "
+                              f"pass a Hugging Face checkpoint directory")
+    check_config_values(raw, path)
+    try:
+        return LlamaConfig.from_hf(raw)
     except KeyError as e:
         raise CheckpointError(f"{path} lacks the required key {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} has a malformed value ({e})") from None
+
+
+def check_config_values(raw: dict, path) -> None:
+    """Refuse sizes that are not positive integers (a string head count, zero heads, ...) in a config.json."""
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+    for key in required + optional:
+        value = raw.get(key)
+        if value is None and key in optional:
+            continue
+        if key not in raw:
+            raise CheckpointError(f"{path} lacks the required key '{key}'")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: {key} must be a positive whole number, not {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(key)
+        if key in raw and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise CheckpointError(f"{path}: {key} must be a positive number, not {value!r}")
+    heads, kv = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if heads % kv:
+        raise CheckpointError(f"{path}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})")
 
 
 def checkpoint_files(directory: Path) -> list[Path]:

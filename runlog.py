@@ -7,10 +7,9 @@ the original code logged its runs there.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from atomic import write_atomically
+from atomic import json_text, write_atomically, write_error
 
 
 class StepLog:
@@ -37,8 +36,11 @@ class StepLog:
     def step(self, **row) -> None:
         self.lines += 1
         if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json_text(row, name=str(self.path), indent=None) + "\n")  # strict JSON
+            except OSError as e:
+                raise write_error(self.path, e) from e
             if self.wandb is not None:
                 self.wandb.log({f"stage{row['stage']}/{k}": v for k, v in row.items() if k != "stage"})
 

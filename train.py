@@ -20,7 +20,9 @@ every epoch (atomic) let --resume continue a killed run to the same adapter as a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -31,8 +33,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import rundir
 from adapter import save_adapter
-from atomic import write_atomically, write_json_atomically
+from atomic import WriteError, save_torch_atomically, write_json_atomically
 from cli import (
     UsageError,
     add_common_flags,
@@ -61,7 +64,8 @@ from distributed import (
     sync_gradients,
 )
 from errors import LofitError
-from heads import plot_heads, random_ranking, read_heads_file, write_heads_file
+from eval import warn_beyond_context
+from heads import heads_file_source, plot_heads, random_ranking, read_heads_file, write_heads_file
 from iti import fit_iti
 from lofit import (
     HeadScore,
@@ -175,7 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (score it later with eval.py)")
     p.add_argument("--wandb", metavar="PROJECT", help="also log every step to this Weights & Biases project")
     args = p.parse_args(argv)
-    args.out = args.out or f"runs/{args.task}"
+    args.out = f"runs/{args.task}" if args.out is None else args.out
     args.head_selection = args.head_selection or ("file" if args.heads else "lofit")
     args.stage = args.stage or ("both" if args.head_selection == "lofit" else "2")
     return args
@@ -205,7 +209,16 @@ def validate(args):
             import wandb  # noqa: F401
         except ImportError:
             raise UsageError("--wandb needs the wandb package: pip install wandb") from None
-    check_out_dir(Path(args.out), OUTPUT_FILES, overwrite=args.overwrite, resume=args.resume)
+    check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)  # its content: claim_out_dir
+
+
+def claim_out_dir(args, d: "Dist", argv):
+    """Rank 0 holds --out for the whole run (rundir.py): one run at a time, --overwrite keeps the old
+    outputs until this run has finished, a start that fails before its first checkpoint is undone."""
+    if not d.main:
+        return contextlib.nullcontext()
+    return rundir.claim(args.out, OUTPUT_FILES, overwrite=args.overwrite, resume=args.resume,
+                        checkpoint="checkpoint.pt", command=rundir.command_line("train.py", argv))
 
 
 @dataclass
@@ -284,7 +297,7 @@ def choose_heads(run: Run, model, tokenizer, examples, data: TrainData, resume, 
         metrics["train_loss"].update(resume["extra"]["train_loss"])
         return [tuple(r) for r in resume["extra"]["ranking"]], resume["extra"]["source"]
     if s.head_selection == "file":
-        return s.given, f"--heads {s.heads}"
+        return s.given, f"--heads {s.heads}" + heads_file_source(s.heads)
     if s.head_selection == "random":
         return random_ranking(model.config.n_layers, model.config.n_heads, s.seed), f"random heads, seed {s.seed}"
     val = load_examples(s.task, "val", fold=s.fold, data_dir=s.data_dir)
@@ -317,6 +330,12 @@ class TrainData:
             return sum(len(self.items[i][f"{side}_input_ids"]) for i in batch for side in ("chosen", "rejected"))
         return sum(len(self.items[i][0]) for i in batch)
 
+    def sequences(self) -> list[list[int]]:
+        """Every token sequence the model reads in training (both answers of a DPO pair)."""
+        if self.loss == "dpo":
+            return [item[f"{side}_input_ids"] for item in self.items for side in ("chosen", "rejected")]
+        return [ids for ids, _ in self.items]
+
 
 def tokenize_training_set(task, examples, tokenizer) -> TrainData:
     info = TASK_INFO[task]
@@ -337,15 +356,16 @@ def pair_logprobs(model, data: TrainData, chunk: list[int], device) -> torch.Ten
 
 
 @torch.no_grad()
-def reference_logprobs(model, data: TrainData, batch_size: int, d: Dist) -> torch.Tensor:
+def reference_logprobs(model, data: TrainData, batch_size: int, d: Dist, progress: bool = False) -> torch.Tensor:
     """DPO's reference: every pair's log-probs under the base model (LoFiT off), computed once.
 
     Each rank computes its rank_slice of the pairs; every rank gets all of them, in order.
     """
     mine = list(range(len(data.items)))[rank_slice(len(data.items), d)]
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    bar = tqdm(chunks, desc="DPO reference log-probs", disable=not (progress and d.main), dynamic_ncols=True)
     with offsets_disabled(model), lockstep(model, d):
-        rows = [pair_logprobs(model, data, mine[i:i + batch_size], d.device).float().cpu()
-                for i in range(0, len(mine), batch_size)]
+        rows = [pair_logprobs(model, data, chunk, d.device).float().cpu() for chunk in bar]
     return torch.cat(gather_lists(rows, d)).to(d.device)  # (N, 2)
 
 
@@ -383,6 +403,32 @@ class Stopped(Exception):
     """--stop-after was reached; the checkpoint holds everything --resume needs."""
 
 
+class Diverged(LofitError):
+    """The loss or the gradient stopped being a finite number; the last good checkpoint is kept."""
+
+
+def checkpoint_summary(out: Path) -> str | None:
+    """'stage S, after epoch E' for the checkpoint in `out`, or None where there is none (or it is unreadable)."""
+    try:
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        return f"stage {state['stage']}, after epoch {state['epoch']}"
+    except Exception:
+        return None
+
+
+def check_finite(run: "Run", stage: int, epoch: int, step: int, loss: float, grad_norm: torch.Tensor):
+    """Stop before a NaN/inf loss or gradient reaches the parameters (and from there every checkpoint)."""
+    if math.isfinite(loss) and bool(torch.isfinite(grad_norm)):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {float(grad_norm)}"
+    kept = checkpoint_summary(run.s.out)
+    kept = f"the last good checkpoint ({kept}) is kept in {run.s.out / 'checkpoint.pt'}" if kept else \
+        "no checkpoint had been saved yet"
+    raise Diverged(f"stage {stage} epoch {epoch + 1} step {step + 1}: {what}, not a finite number, so training "
+                   f"stopped before it could reach the parameters; {kept}. Check the model's weights for "
+                   f"NaN/inf, or lower the learning rate (--lr-a / --lr-v)")
+
+
 def log(d: Dist, message: str):
     if d.main:
         print(message, flush=True)
@@ -403,6 +449,9 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
     named = {name: p for name, p in model.named_parameters() if any(p is q for q in params)}
     history, start = [], 0
     if resume is not None:  # continue exactly where the checkpoint left off
+        if missing := sorted(set(named) - set(resume["params"])):
+            raise UsageError(f"{s.out / 'checkpoint.pt'} is incomplete (no {', '.join(missing[:3])}); "
+                             f"start again with --overwrite")
         with torch.no_grad():
             for name, p in named.items():
                 p.copy_(resume["params"][name])
@@ -410,12 +459,14 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
         schedule.load_state_dict(resume["schedule"])
         history, start = list(resume["history"]), resume["epoch"]
         run.log.cut(resume["log_lines"])
+        log(d, f"resuming from stage {stage} epoch {start + 1}/{s.epochs} (the checkpoint after epoch {start})"
+            if start < s.epochs else f"resuming after stage {stage}'s last epoch (its checkpoint)")
     micro = s.micro_batch_size or -(-s.batch_size // d.world)
     for epoch in range(start, s.epochs):
         began, losses = time.time(), []
         bar = tqdm(epoch_batches(len(data.items), s.batch_size, s.seed, epoch), disable=not d.main,
                    desc=f"stage {stage} epoch {epoch + 1}/{s.epochs}", dynamic_ncols=True)
-        for batch in bar:
+        for step, batch in enumerate(bar):
             step_began, normaliser = time.time(), data.normaliser(batch)
             loss_sum = torch.zeros((), device=d.device)
             for i, (chunk, weight) in enumerate(rank_share(batch, d, micro)):
@@ -426,6 +477,7 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
                 loss_sum += loss.detach().float()
             losses.append(sync_gradients(params, loss_sum, d).item())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            check_finite(run, stage, epoch, step, losses[-1], grad_norm)
             step_lr = schedule.get_last_lr()[0]
             optimizer.step()
             schedule.step()
@@ -440,7 +492,7 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
             state = {"key": s.key(), "stage": stage, "epoch": epoch + 1, "history": history, "extra": extra or {},
                      "params": {name: p.detach().cpu() for name, p in named.items()}, "log_lines": run.log.lines,
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-            write_atomically(s.out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+            save_torch_atomically(s.out / "checkpoint.pt", state)
         run.epochs_run += 1
         if s.stop_after and run.epochs_run >= s.stop_after:
             raise Stopped
@@ -449,16 +501,36 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
 
 def load_checkpoint(out: Path, key: dict) -> dict:
     """The checkpoint of the run in `out`, after checking it belongs to a run with these settings."""
+    path = out / "checkpoint.pt"
+    damaged = f"{path} is damaged or incomplete"
     try:
-        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{out / 'checkpoint.pt'} cannot be read ({e}); start again with --overwrite") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message advises weights_only=False, which would run the file's code: not shown
+        reason = "not a checkpoint written by train.py" if "weights_only" in str(e) or "pickle" in str(e).lower() \
+            else str(e).splitlines()[0][:200]
+        raise UsageError(f"{damaged} ({reason}); start again with --overwrite") from None
+    needed = {"key": dict, "stage": int, "epoch": int, "history": list, "extra": dict, "params": dict,
+              "optimizer": dict, "schedule": dict, "log_lines": int}
+    wrong = [k for k, kind in needed.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise UsageError(f"{damaged} (missing or malformed: {', '.join(wrong)}); start again with --overwrite")
+    tensors = {**state["params"], **{f"optimizer {k}": v for k, v in _optimizer_tensors(state["optimizer"])}}
+    if bad := [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+               and not bool(torch.isfinite(t).all())]:
+        raise UsageError(f"{path} holds non-finite values (NaN/inf) in {', '.join(bad[:4])}; it cannot be "
+                         f"continued: start again with --overwrite")
     differ = sorted(k for k in set(key) | set(state["key"]) if key.get(k) != state["key"].get(k))
     if differ:
         had = ", ".join(f"{k}={state['key'].get(k)!r}" for k in differ)
         raise UsageError(f"--resume: the run in {out} used other settings ({had}); "
                          f"pass the same flags, or start again with --overwrite")
     return state
+
+
+def _optimizer_tensors(optimizer_state: dict):
+    for index, slots in (optimizer_state.get("state") or {}).items():
+        for slot, value in (slots.items() if isinstance(slots, dict) else ()):
+            yield f"{index}.{slot}", value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,15 +556,17 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
     log(d, "LoFiT " + json.dumps({**flags, **asdict(s.hp), "world_size": d.world}, indent=1))
     log(d, f"frozen base: {s.sharding[0]} ({s.sharding[1]})")
     barrier(d)  # every rank has checked --out before rank 0 touches it
-    if d.main:
-        s.out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES if s.overwrite else ():
-            (s.out / name).unlink(missing_ok=True)
+    if d.main:  # rank 0 holds --out (claim_out_dir)
         write_json_atomically(s.out / "config.json", record)
 
+    log(d, f"loading {s.model} ({s.hp.dtype}) ...")
+    began = time.time()
     model = load_model(s.model, d, getattr(torch, s.hp.dtype), s.sharding[0])
+    log(d, f"model loaded in {time.time() - began:.1f} s")
+    warn_beyond_context(model, [len(ids) for ids in data.sequences()], "training sequences", d.main)
     if data.loss == "dpo":
-        data.reference = reference_logprobs(model, data, s.eval_batch_size, d)
+        log(d, f"DPO reference pass: the base model's log-probs of {len(data.items)} answer pairs")
+        data.reference = reference_logprobs(model, data, s.eval_batch_size, d, progress=True)
     run = Run(s, d, StepLog(s.out, d.main, s.wandb, record))
     log(d, f"{len(examples)} training examples, {len(test)} test examples; loss {data.loss}")
 
@@ -503,7 +577,7 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
         if d.main:
             write_heads_file(s.out / "heads.json", ranking, selected, task=s.task, model=s.model, source=source,
                              config=model.config)
-            plot_heads(s.out / "heads.png", ranking, selected, model.config)
+            plot_heads(s.out / "heads.png", ranking, selected, model.config, source)
         if s.stage == "1":
             return finish(run, model, selected, metrics, record, started, stage=1)
         params = setup_stage2(model, selected, init_std=s.init_std, generator=torch.Generator().manual_seed(s.seed),
@@ -538,23 +612,46 @@ def finish(run: Run, model, selected, metrics, record, started, stage: int) -> i
                      stage=stage, task=s.task, hparams=hparams)  # stage 1: every head's A; the form's own settings
         write_json_atomically(s.out / "metrics.json", metrics)
         write_json_atomically(s.out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
-        (s.out / "checkpoint.pt").unlink(missing_ok=True)
+        rundir.commit(s.out)  # the run is complete: its checkpoint and the run it replaced go
         print(f"outputs in {s.out}: " + ", ".join(n for n in OUTPUT_FILES if (s.out / n).exists()))
     run.log.close()
     return 0
 
 
+def interrupted(args, argv) -> int:
+    """Ctrl-C: no traceback; say what is kept and the command that continues."""
+    out = Path(args.out)
+    kept = checkpoint_summary(out)
+    if kept:
+        print(f"\ninterrupted: the last checkpoint is {out / 'checkpoint.pt'} ({kept}); continue with\n  "
+              f"{rundir.resume_command('train.py', argv)}", file=sys.stderr)
+    else:
+        print(f"\ninterrupted before the first checkpoint, so nothing of this run was kept in {out}; run the "
+              f"same command again to start it", file=sys.stderr)
+    return 130  # 128 + SIGINT, as a shell reports it
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    first_rank = os.environ.get("RANK", "0") == "0"
     try:
         validate(args)
         d = setup_distributed(args.device)
         try:
-            return run_pipeline(settings_from_flags(args, d), d, vars(args))
+            with claim_out_dir(args, d, argv):
+                return run_pipeline(settings_from_flags(args, d), d, vars(args))
         finally:
             close_distributed()
+    except WriteError as e:
+        kept = checkpoint_summary(Path(args.out))
+        hint = f"; the last checkpoint ({kept}) is kept: once it can be written, continue with --resume" if kept \
+            else ""
+        return report_error(WriteError(e.errno, f"{e}{hint}"), print_message=first_rank)
     except LofitError as e:
-        return report_error(e, print_message=os.environ.get("RANK", "0") == "0")
+        return report_error(e, print_message=first_rank)
+    except KeyboardInterrupt:
+        return interrupted(args, argv) if first_rank else 130
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from atomic import write_text_atomically
+from atomic import WriteError, write_text_atomically
 
 from . import SPLITS, TASKS, DataError, load_examples
 
@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.dump.is_dir():
+        print(f"error: --dump {args.dump} is a directory; give a file name such as "
+              f"{args.dump / f'{args.task}_{args.split}.jsonl'}", file=sys.stderr)
+        return 2
     try:
         examples = load_examples(args.task, args.split, fold=args.fold, data_dir=args.data_dir,
                                  train_size=args.train_size, seed=args.seed)
@@ -45,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # like train.py, eval.py and iti.py
     lines = [json.dumps({k: v for k, v in dataclasses.asdict(ex).items() if v not in ("", [], None)},
                         ensure_ascii=False) + "\n" for ex in examples]
-    write_text_atomically(args.dump, "".join(lines))
+    try:
+        write_text_atomically(args.dump, "".join(lines))
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {len(examples)} {args.task} {args.split} examples to {args.dump}", file=sys.stderr)
     return 0
 
