@@ -140,13 +140,13 @@ def choose_sharding(requested: str, config, dtype: torch.dtype, d: Dist) -> tupl
         f"{memory / 2**30:.1f} GiB of {d.device.type} memory per process"
 
 
-def load_model(name: str, d: Dist, dtype: torch.dtype, sharding: str) -> Llama:
+def load_model(name: str, d: Dist, dtype: torch.dtype, sharding: str, progress: bool = False) -> Llama:
     """The base model with its base weights frozen, held on d.device as `sharding` says."""
     d.sharding = sharding
     if sharding == "shard":
         model = load_sharded(name, d, dtype)
     else:
-        model = Llama.from_pretrained(name, dtype=dtype, device=d.device)
+        model = Llama.from_pretrained(name, dtype=dtype, device=d.device, progress=progress and d.main)
     for param_name, p in model.named_parameters():
         if ".lofit_" not in param_name:
             p.requires_grad_(False)

@@ -336,7 +336,7 @@ def run(args, d: Dist | None = None) -> dict:
     examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
                               train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
     sharding, _ = choose_sharding(args.sharding, read_model_config(args.model), dtype, d)
-    model = load_model(args.model, d, dtype, sharding)
+    model = load_model(args.model, d, dtype, sharding, progress=not args.quiet)
     tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
     summaries, details = [], []
     for k, fold in enumerate(folds):

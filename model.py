@@ -349,12 +349,13 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name: str, dtype: torch.dtype = torch.float32, device="cpu",
-                        token: str | None = None) -> "Llama":
+                        token: str | None = None, progress: bool = False) -> "Llama":
         """Load a checkpoint: an HF-format directory or hub repo id, or a llama.cpp .gguf file.
 
         The model is built on the meta device and each tensor is read (safetensors: straight from
         the file; GGUF: dequantized, gguf_checkpoint.py) into its final dtype and device, so a 7B
         model is never held twice. Loading is strict: every tensor present, none left over.
+        `progress` shows a bar over the tensors read (minutes for a 7B model).
         """
         config, tensors, where = open_checkpoint(name, token)
         described_by = "its GGUF metadata" if str(where).endswith(".gguf") else "config.json"
@@ -365,7 +366,9 @@ class Llama(nn.Module):
         expected = {hf_name(n): n for n in state if ".lofit_" not in n}
         loaded = {}
         unexpected = []
-        for file, key, tensor in tensors:
+        from tqdm import tqdm
+        for file, key, tensor in tqdm(tensors, total=len(expected), desc="loading weights", unit="tensor",
+                                      disable=not progress, leave=False, dynamic_ncols=True):
             if key.endswith("rotary_emb.inv_freq"):
                 continue
             if key == "lm_head.weight" and config.tie_word_embeddings:

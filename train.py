@@ -561,7 +561,7 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
 
     log(d, f"loading {s.model} ({s.hp.dtype}) ...")
     began = time.time()
-    model = load_model(s.model, d, getattr(torch, s.hp.dtype), s.sharding[0])
+    model = load_model(s.model, d, getattr(torch, s.hp.dtype), s.sharding[0], progress=True)
     log(d, f"model loaded in {time.time() - began:.1f} s")
     warn_beyond_context(model, [len(ids) for ids in data.sequences()], "training sequences", d.main)
     if data.loss == "dpo":
