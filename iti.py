@@ -373,7 +373,7 @@ def run(args) -> dict:
     started = time.time()
     settings = check_args(args)
     model = Llama.from_pretrained(args.model, dtype=getattr(torch, settings.dtype), device=settings.device,
-                                  progress=True)
+                                  progress=sys.stderr.isatty())
     total = model.config.n_layers * model.config.n_heads
     if settings.k > total:
         raise UsageError(f"K = {settings.k} is more than the model's {total} heads "
