@@ -70,8 +70,8 @@ def check_load(m, name, dtype):
 original_load = distributed.load_model
 
 
-def load_model(name, d, dtype, sharding):
-    m = original_load(name, d, dtype, sharding)
+def load_model(name, d, dtype, sharding, **kwargs):
+    m = original_load(name, d, dtype, sharding, **kwargs)
     models.append(m)
     if sharding == "shard":
         check_load(m, name, dtype)
