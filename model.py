@@ -461,6 +461,12 @@ def positions_and_mask(attention_mask, B: int, past: int, T: int, device):
     count real tokens only (so padding never shifts a row) and the boolean mask (B, 1, T, past + T)
     lets a query see real keys at or before it. Each position may always see itself, so rows of
     padding never become all-masked (which would give NaN); their outputs are ignored anyway.
+
+    Right padding without a cache (every training batch, data.collate) needs no mask either: a real
+    query's causal keys are all real, since the padding comes after it. The mask is None there too,
+    so SDPA's causal kernel skips the upper triangle (faster than a full boolean mask, forward and
+    backward); real positions get bit-identical outputs, only the ignored padding positions differ
+    (they now also see earlier padding). tests/test_model_speed.py checks both claims.
     """
     if attention_mask is None or bool(attention_mask.all()):
         positions = torch.arange(past, past + T, device=device).expand(B, T)
@@ -469,6 +475,8 @@ def positions_and_mask(attention_mask, B: int, past: int, T: int, device):
         attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+    if past == 0 and T > 1 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return positions, None  # right-padded (1...1 0...0 per row): plain causal is exact at real tokens
     query_index = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
     key_index = torch.arange(past + T, device=device)[None, :]  # (1, past + T)
     causal = key_index <= query_index  # (T, past + T)
