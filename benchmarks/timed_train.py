@@ -1,0 +1,62 @@
+"""Run train.py's main() with each phase timed: `python timed_train.py PHASES.json -- TRAIN FLAGS...`.
+
+vs_original.py runs this project's whole TruthfulQA command through here, in a process of its
+own, so the phases can be timed from inside without changing train.py: the DPO reference pass,
+stage 1, stage 2 and the test-set evaluation, each with its wall time and the process's peak
+resident memory while it ran (Linux: /proc/self/clear_refs resets the peak, VmHWM reads it).
+The whole command's time and peak are measured by the parent, from outside.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux 4.0+); a no-op where /proc does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size since the last reset (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed(phases: list, name, fn):
+    """fn, recording each call as {"phase", "seconds", "peak_rss_bytes"} in `phases`."""
+    def wrapper(*args, **kwargs):
+        reset_peak_rss()
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            label = name(args) if callable(name) else name
+            phases.append({"phase": label, "seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()})
+    return wrapper
+
+
+def main(argv: list[str]) -> int:
+    out, rest = Path(argv[0]), argv[argv.index("--") + 1:]
+    import train
+    phases: list = []
+    train.reference_logprobs = timed(phases, "reference", train.reference_logprobs)
+    train.train_stage = timed(phases, lambda args: f"stage{args[1]}", train.train_stage)
+    train.evaluate = timed(phases, "eval", train.evaluate)
+    try:
+        return train.main(rest)
+    finally:
+        out.write_text(json.dumps({"phases": phases}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,426 @@
+"""The whole TruthfulQA pipeline, this project's train.py against the original LoFiT code, side by side.
+
+    python benchmarks/vs_original.py --cache ~/.cache/lofit-vs-original               # stories260K
+    python benchmarks/vs_original.py --original-repo /path/to/lo-fit --rounds 3 --out vs.json
+
+The original is fc2869/lo-fit at commit ebd344a (lofit_trainer.py on transformers 4.39.2 and
+trl 0.8.1). This script builds everything it needs under --cache, outside the repository, and
+reuses it on later runs: a clone of the original at that commit (from --original-repo, a URL or
+a local clone), a virtual environment with the original's pinned packages from the package index
+(and the same torch as ours), a model directory both sides read (the checkpoint's files linked,
+plus the fast tokenizer files that transformers 4.39.2 writes from its tokenizer.model), and a
+Hugging Face cache that points the original's hub id at that directory. Nothing of the original's
+code is copied into this repository; the few shims it needs to run offline on a CPU are applied at
+run time by run_original.py, written into --cache (see SHIMS and benchmarks/README.md).
+
+Both sides run the same two stages and the test-set evaluation, with the same data (fold 0's
+official split), seed, hyperparameters and number of heads, one torch thread each, one after the
+other, alternating over --rounds rounds. The original is its train_script_truthfulqa.sh: a stage-1
+process (which writes top_heads/*.npy) and a stage-2 process (which then evaluates); ours is one
+`train.py --task truthfulqa` command. Reported per side: wall time and peak resident memory of
+stage 1, stage 2, the evaluation and the whole command (medians over rounds), and what both reach:
+per-epoch training losses, the stage-1 head ranking and selected heads, MC1/MC2/MC3.
+
+This is a measurement script: it asserts nothing. Its results and how to read them (the original's
+quirks explain small differences in the numbers): benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+ORIGINAL_URL = "https://github.com/fc2869/lo-fit"
+ORIGINAL_COMMIT = "ebd344a"
+# The original's requirements.txt pins, for what lofit_trainer.py imports on the TruthfulQA path
+# (torch is ours, so both sides run the same kernels; its CUDA packages are left out).
+PINS = ["transformers==4.39.2", "trl==0.8.1", "accelerate==0.28.0", "peft==0.10.0", "datasets==2.18.0",
+        "tokenizers==0.15.2", "numpy==1.26.4", "pyarrow==15.0.2", "pandas==2.0.3", "scikit-learn==1.3.2",
+        "einops==0.7.0", "protobuf==4.25.3", "sentencepiece==0.2.0", "rich==13.7.1", "tyro==0.7.3",
+        "wandb==0.16.5", "openai"]
+HUB_ID = "meta-llama/Llama-2-7b-hf"  # what the original's --base_model_name llama2_7B loads
+SHIMS = {
+    "hub": "HF_HUB_OFFLINE=1 and HF_HUB_CACHE pointing at a cache in --cache whose snapshot of "
+           f"{HUB_ID} is the benchmark's model directory (links to the checkpoint's files): the "
+           "original loads the model and tokenizer by that hub id (models_map, ENGINE_MAP)",
+    "cuda": "utils/evaluate.py's evaluate_tqa passes device='cuda' to alt_tqa_evaluate; the wrapper "
+            "passes 'cpu' (the model is loaded with the original's own --device cpu flag)",
+    "baukit": "honest_llama/utils.py imports baukit (a git-only package, not on the package index); "
+              "a stub provides TraceDict, which the MC scoring enters with an empty layer list "
+              "(a no-op), and refuses any other use",
+    "owt": "after the MC scores, alt_tqa_evaluate computes a CE loss on 100 OpenWebText samples it "
+           "downloads from the hub (stas/openwebtext-10k), a side metric ours does not compute; the wrapper "
+           "returns NaN for it instead, which leaves that work out of the original's evaluation time",
+    "wandb": "WANDB_MODE=disabled (the original already calls wandb.init(mode='disabled') in --run_mode train)",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lofit-vs-original",
+                   help="where the original's clone, its venv, the model directory and run outputs live")
+    p.add_argument("--original-repo", default=ORIGINAL_URL,
+                   help="git URL or local clone of fc2869/lo-fit to clone from (needs commit ebd344a)")
+    p.add_argument("--model", type=Path, default=SHARED / "weights" / "stories260K_hf",
+                   help="an HF checkpoint directory (config.json, model.safetensors, tokenizer.model)")
+    p.add_argument("--rounds", type=int, default=3, help="runs per side, alternating (medians reported)")
+    p.add_argument("--k", type=int, default=None, help="stage-2 heads (default: 10%% of all heads)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per side (OMP_NUM_THREADS)")
+    p.add_argument("--only", choices=("ours", "original"), default=None, help="run one side only")
+    p.add_argument("--out", type=Path, default=None, help="write every raw number to this JSON file")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the original's side: clone, venv, model directory, hub cache, shims
+
+
+def run(cmd, **kwargs):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(cmd, check=True, **kwargs)
+
+
+def original_checkout(cache: Path, repo: str) -> Path:
+    src = cache / "lo-fit"
+    if (src / "lofit_trainer.py").is_file():
+        head = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        if head.startswith(ORIGINAL_COMMIT):
+            return src
+        shutil.rmtree(src)
+    run(["git", "clone", "--quiet", repo, src])
+    run(["git", "-C", src, "checkout", "--quiet", ORIGINAL_COMMIT])
+    return src
+
+
+def original_venv(cache: Path) -> Path:
+    import torch
+    venv = cache / "venv"
+    pins = [f"torch=={torch.__version__.split('+')[0]}"] + PINS
+    marker = venv / "lofit-pins.txt"
+    if marker.is_file() and marker.read_text() == "\n".join(pins):
+        return venv / "bin" / "python"
+    run([sys.executable, "-m", "venv", "--clear", venv])
+    run([venv / "bin" / "pip", "install", "--quiet", *pins])
+    marker.write_text("\n".join(pins))
+    return venv / "bin" / "python"
+
+
+def model_dir(cache: Path, source: Path, python: Path) -> Path:
+    """Links to the checkpoint's files plus the fast tokenizer transformers 4.39.2 makes of tokenizer.model.
+
+    Both sides read this directory: the original through AutoTokenizer (tokenizer.json), ours with
+    --tokenizer tokenizer.json, so both tokenize alike.
+    """
+    out = cache / "models" / source.name
+    if (out / "tokenizer.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            os.symlink(f.resolve(), out / f.name)
+    run([python, "-c", "import sys; from transformers import AutoTokenizer; "
+                       "AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])", out])
+    return out
+
+
+def hub_cache(cache: Path, model: Path) -> Path:
+    """An HF hub cache in which HUB_ID's only snapshot is `model` (file links)."""
+    hub = cache / "hf-hub"
+    repo = hub / ("models--" + HUB_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / "local"
+    if snapshot.exists():
+        shutil.rmtree(snapshot)
+    snapshot.mkdir(parents=True)
+    for f in model.iterdir():
+        os.symlink(f.resolve(), snapshot / f.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("local")
+    return hub
+
+
+BAUKIT_STUB = '''"""Stub of baukit for the LoFiT TruthfulQA benchmark: only TraceDict over no layers (a no-op)."""
+import contextlib
+
+
+@contextlib.contextmanager
+def TraceDict(module, layers=(), **kwargs):
+    if list(layers):
+        raise RuntimeError("this baukit stub only supports TraceDict over an empty layer list")
+    yield {}
+
+
+def Trace(*args, **kwargs):
+    raise RuntimeError("this baukit stub does not implement Trace")
+'''
+
+RUN_ORIGINAL = '''"""Runs the original lofit_trainer.py with the benchmark's shims and times its phases.
+
+usage: python run_original.py PHASES.json -- LOFIT_TRAINER FLAGS...   (cwd: the original's checkout)
+"""
+import json, runpy, sys, time
+from pathlib import Path
+
+
+def reset_peak():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+phases, record = [], {}
+
+
+def timed(name, fn):
+    def wrapper(self, *args, **kwargs):
+        reset_peak()
+        start = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            phases.append({"phase": name, "seconds": time.perf_counter() - start, "peak_rss_bytes": peak()})
+            record["log_history"] = list(getattr(self.state, "log_history", []))
+    return wrapper
+
+
+out, argv = Path(sys.argv[1]), sys.argv[sys.argv.index("--") + 1:]
+sys.path.insert(0, ".")
+import utils.evaluate  # noqa: E402  (imports honest_llama, which imports the baukit stub)
+_alt_tqa_evaluate = utils.evaluate.alt_tqa_evaluate
+
+
+def alt_tqa_evaluate_on_cpu(*args, **kwargs):  # shim "cuda": evaluate_tqa hard-codes device="cuda"
+    kwargs["device"] = "cpu"
+    return _alt_tqa_evaluate(*args, **kwargs)
+
+
+utils.evaluate.alt_tqa_evaluate = alt_tqa_evaluate_on_cpu
+import honest_llama.utils  # noqa: E402
+
+
+def no_owt_ce_loss(*args, **kwargs):  # shim "owt": the hub's stas/openwebtext-10k is out of reach offline
+    return float("nan")
+
+
+honest_llama.utils.run_ce_loss = no_owt_ce_loss
+import utils.trainers  # noqa: E402
+utils.trainers.CustomDPOTrainer.train = timed("train", utils.trainers.CustomDPOTrainer.train)
+utils.trainers.CustomDPOTrainer.test = timed("eval", utils.trainers.CustomDPOTrainer.test)
+sys.argv = ["lofit_trainer.py"] + argv
+try:
+    runpy.run_path("lofit_trainer.py", run_name="__main__")
+finally:
+    out.write_text(json.dumps({"phases": phases, **record}, indent=1, default=str))
+'''
+
+
+def write_shims(cache: Path) -> Path:
+    shim = cache / "shim"
+    (shim / "baukit").mkdir(parents=True, exist_ok=True)
+    (shim / "baukit" / "__init__.py").write_text(BAUKIT_STUB)
+    (shim / "run_original.py").write_text(RUN_ORIGINAL)
+    return shim
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one side
+
+
+def timed_process(cmd, cwd, env, log: Path) -> dict:
+    """Run cmd; return its wall seconds and peak RSS (from the kernel's rusage of that child)."""
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("+ " + " ".join(map(str, cmd)) + "\n")
+        f.flush()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[1]} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+def base_env(threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHON"))}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_original(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
+    """train_script_truthfulqa.sh for fold 0, our hyperparameters: a stage-1 process, then stage 2 + eval."""
+    src, python, shim = setup["src"], setup["python"], setup["shim"]
+    env = base_env(hp["threads"])
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HUB_CACHE=str(setup["hub"]), WANDB_MODE="disabled", PYTHONPATH=f"{shim}:{src}")
+    for stale in ("top_heads", "tqa_results", "finetuned_checkpoints"):
+        shutil.rmtree(src / stale, ignore_errors=True)
+    common = ["--task", "truthfulqa", "--base_model_name", "llama2_7B", "--apply_chat_template", "False",
+              "--ft_method", "lofit", "--tqa_fold_num", "0", "--train_batch", str(hp["batch"]),
+              "--num_epoch", str(hp["epochs"]), "--run_mode", "train", "--applied_module", "attention",
+              "--save_strategy", "no", "--eval_batch", "32", "--seed", str(hp["seed"]), "--device", "cpu",
+              "--hf_cache_dir", str(setup["hub"])]
+    n_all = hp["n_heads_total"]
+    stage1 = common + ["--lofit_component", "A", "--use_topk_heads", str(n_all), "--lr", str(hp["lr_a"]),
+                       "--l1_lambda", str(hp["l1"]), "--output_dir", str(workdir / "ckpt_A"),
+                       "--output_file_name", str(workdir / "out_A")]
+    heads_file = src / "top_heads" / f"llama2_7B_truthfulqa_Aonly_top{n_all}heads_{hp['seed']}.npy"
+    stage2 = common + ["--lofit_component", "v", "--use_topk_heads", str(hp["k"]), "--lofit_heads", str(heads_file),
+                       "--lr", str(hp["lr_v"]), "--l1_lambda", "0", "--output_dir", str(workdir / "ckpt_v"),
+                       "--output_file_name", "bench_lofit"]
+    runner = shim / "run_original.py"
+    p1 = timed_process([python, runner, workdir / "stage1.json", "--", *stage1], src, env, log)
+    p2 = timed_process([python, runner, workdir / "stage2.json", "--", *stage2], src, env, log)
+    s1, s2 = (json.loads((workdir / f"stage{i}.json").read_text()) for i in (1, 2))
+    import numpy as np  # noqa: F401  (only to read the .npy the original writes)
+    ranking = [tuple(int(x) for x in row) for row in np.load(heads_file)]
+    summary = {}
+    with open(src / "tqa_results" / "summary_dump" / "bench_lofit.csv") as f:
+        for row in csv.DictReader(f):
+            summary = row  # one model row: Model, MC1, MC2, ...
+    phase = {p["phase"]: p for p in s1["phases"]}
+    phase2 = {p["phase"]: p for p in s2["phases"]}
+    return {
+        "stage1": phase["train"], "stage2": phase2["train"], "eval": phase2["eval"],
+        "processes": [p1, p2],
+        "whole": {"seconds": p1["seconds"] + p2["seconds"], "peak_rss_bytes": max(p1["peak_rss_bytes"], p2["peak_rss_bytes"])},
+        "loss_stage1": [e["train_loss"] for e in s1["log_history"] if "train_loss" in e] or
+                       [e["loss"] for e in s1["log_history"] if "loss" in e],
+        "loss_stage2": [e["loss"] for e in s2["log_history"] if "loss" in e],
+        "log_history": [s1["log_history"], s2["log_history"]],
+        "ranking": ranking, "selected": ranking[:hp["k"]],
+        "test": {k.lower(): float(v) for k, v in summary.items() if k.upper() in ("MC1", "MC2", "MC3")},
+    }
+
+
+def run_ours(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
+    env = base_env(hp["threads"])
+    out = workdir / "ours"
+    cmd = [sys.executable, ROOT / "benchmarks" / "timed_train.py", workdir / "ours_phases.json", "--",
+           "--task", "truthfulqa", "--model", setup["model"], "--data-dir", SHARED / "datasets",
+           "--out", out, "--overwrite", "--fold", "0", "--epochs", hp["epochs"], "--batch-size", hp["batch"],
+           "--lr-a", hp["lr_a"], "--l1", hp["l1"], "--lr-v", hp["lr_v"], "--k", hp["k"], "--beta", hp["beta"],
+           "--seed", hp["seed"], "--train-size", "0", "--tokenizer", "tokenizer.json", "--dtype", "float32",
+           "--device", "cpu"]
+    whole = timed_process(cmd, ROOT, env, log)
+    phases = {}
+    for p in json.loads((workdir / "ours_phases.json").read_text())["phases"]:
+        phases[p["phase"]] = p
+    metrics = json.loads((out / "metrics.json").read_text())
+    heads = json.loads((out / "heads.json").read_text())
+    ref = phases.get("reference", {"seconds": 0.0, "peak_rss_bytes": 0})
+    stage1 = {"seconds": ref["seconds"] + phases["stage1"]["seconds"],
+              "peak_rss_bytes": max(ref["peak_rss_bytes"], phases["stage1"]["peak_rss_bytes"])}
+    return {
+        "stage1": stage1, "reference": ref, "stage2": phases["stage2"], "eval": phases["eval"], "whole": whole,
+        "loss_stage1": metrics["train_loss"]["stage1"], "loss_stage2": metrics["train_loss"]["stage2"],
+        "ranking": [(r["layer"], r["head"]) for r in heads["ranking"]], "selected": [tuple(h) for h in heads["selected"]],
+        "test": {k: metrics["test"][k] for k in ("mc1", "mc2", "mc3") if k in metrics["test"]},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def med(runs, phase, key):
+    return statistics.median(r[phase][key] for r in runs)
+
+
+def report(results: dict, hp: dict, args) -> str:
+    ours, orig = results.get("ours", []), results.get("original", [])
+    lines = [f"TruthfulQA fold 0, {args.model.name}, {hp['epochs']} epochs, batch {hp['batch']}, K={hp['k']}, "
+             f"{hp['threads']} thread(s); medians of {len(ours)} / {len(orig)} runs (ours / original)", "",
+             "| phase | original s | ours s | speed-up | original peak MiB | ours peak MiB | ours / original |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"stage1": "stage 1 (incl. DPO reference)", "stage2": "stage 2 (incl. DPO reference, original)",
+             "eval": "TruthfulQA evaluation (test fold)", "whole": "whole command"}
+    for phase, label in names.items():
+        if ours and orig:
+            to, tr = med(orig, phase, "seconds"), med(ours, phase, "seconds")
+            mo, mr = med(orig, phase, "peak_rss_bytes") / 2**20, med(ours, phase, "peak_rss_bytes") / 2**20
+            lines.append(f"| {label} | {to:.1f} | {tr:.1f} | {to / tr:.2f}x | {mo:.0f} | {mr:.0f} | {mr / mo:.2f}x |")
+    if ours and orig:
+        a, b = ours[0], orig[0]
+        lines += ["", "What both reach (first run of each; the runs of one side are identical):", "",
+                  "| | original | ours |", "|---|---|---|"]
+        for key in ("loss_stage1", "loss_stage2"):
+            lines.append(f"| {key.replace('_', ' ')} per epoch | {fmt(b[key])} | {fmt(a[key])} |")
+        for m in ("mc1", "mc2", "mc3"):
+            if m in a["test"] or m in b["test"]:
+                lines.append(f"| {m.upper()} | {b['test'].get(m, float('nan')):.4f} | {a['test'].get(m, float('nan')):.4f} |")
+        k = hp["k"]
+        same = len(set(map(tuple, a["selected"])) & set(map(tuple, b["selected"])))
+        lines.append(f"| stage-1 top {k} heads | {sorted(map(tuple, b['selected']))} | {sorted(map(tuple, a['selected']))} |")
+        lines.append(f"| top-{k} overlap | {same} / {k} | |")
+    return "\n".join(lines)
+
+
+def fmt(values):
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cache = args.cache.expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    config = json.loads((args.model / "config.json").read_text())
+    n_all = config["num_hidden_layers"] * config["num_attention_heads"]
+    # The paper's Llama-2-7B TruthfulQA settings (train_script_truthfulqa.sh), K scaled to 10% of the heads.
+    hp = {"epochs": args.epochs, "batch": 8, "lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2, "beta": 0.5, "seed": 42,
+          "k": args.k or max(1, n_all // 10), "n_heads_total": n_all, "threads": args.threads}
+    setup = {}
+    if args.only != "ours":
+        setup["src"] = original_checkout(cache, args.original_repo)
+        setup["python"] = original_venv(cache)
+        setup["shim"] = write_shims(cache)
+        setup["model"] = model_dir(cache, args.model.resolve(), setup["python"])
+        setup["hub"] = hub_cache(cache, setup["model"])
+    else:
+        setup["model"] = cache / "models" / args.model.name
+        if not (setup["model"] / "tokenizer.json").is_file():
+            raise SystemExit(f"{setup['model']} has no tokenizer.json yet: run once without --only ours")
+    sides = [s for s in ("original", "ours") if args.only in (None, s)]
+    results = {s: [] for s in sides}
+    log = cache / "runs.log"
+    for r in range(args.rounds):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            workdir = cache / "runs" / f"{side}{r}"
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
+            fn = run_original if side == "original" else run_ours
+            result = fn(setup, hp, workdir, log)
+            results[side].append(result)
+            print(f"round {r} {side}: whole {result['whole']['seconds']:.1f} s, "
+                  f"peak {result['whole']['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    table = report(results, hp, args)
+    print(table)
+    if args.out:
+        import torch
+        args.out.write_text(json.dumps({
+            "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"), "hparams": hp,
+            "shims": SHIMS, "results": results, "table": table}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
