@@ -83,6 +83,12 @@ def run_cpu(args, configs: list[str], sections: list[str]) -> tuple[list[Row], d
     from tokenizer import load_tokenizer
 
     rows, raw = [], {}
+    peak = None
+    if "train" in sections:
+        from common import matmul_peak_flops
+        peak = matmul_peak_flops()
+        say(f"matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.threads} thread(s), fp32, 2048^3)")
+        raw["matmul_peak_flops"] = peak
     with new_workdir() as workdir:
         for name in configs:
             work = WORKLOADS[name].scaled(args.quick, args.repeats)
@@ -93,7 +99,8 @@ def run_cpu(args, configs: list[str], sections: list[str]) -> tuple[list[Row], d
                 for stage in (1, 2):
                     say(f"{name}: training stage {stage}")
                     r, x = train_bench.run_stage(name, ours, hf, stage, train_bench.TrainShape(), work.train_repeats,
-                                                 clock=args.clock, full_logits_variant=stage == 1 and not args.quick)
+                                                 clock=args.clock, full_logits_variant=not args.quick,
+                                                 peak_flops=peak)
                     rows += r
                     raw[f"train/{name}/stage{stage}"] = x
             ours, hf = load_ours(directory), load_hf(directory)  # fresh: base models, no LoFiT offsets

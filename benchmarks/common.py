@@ -138,6 +138,29 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def matmul_peak_flops(device="cpu", n: int = 2048, repeats: int = 5, dtype=torch.float32) -> float:
+    """This machine's measured matmul peak: FLOP/s of the fastest of `repeats` (n, n) @ (n, n) products.
+
+    The yardstick for "fraction of the limit" rows: a step can only be as fast as its matrix
+    multiplies run at this rate (with torch's current thread count).
+    """
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def linear_params(model) -> int:
+    """N: the weights every token multiplies through (every nn.Linear, lm_head included; not embeddings)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import Row, interleaved_times, median, peak_memory, tensor_bytes  # first: puts the repo root on sys.path
+from common import Row, interleaved_times, linear_params, median, peak_memory, tensor_bytes  # first: puts the repo root on sys.path
 
 import lofit  # noqa: E402
 
@@ -214,9 +214,16 @@ def static_bytes(side: Side) -> int:
 
 
 def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, repeats: int,
-              device="cpu", clock: str = "wall", heads=None, full_logits_variant: bool = True
-              ) -> tuple[list[Row], dict]:
-    """Time one stage on one model; return the table rows and the raw numbers."""
+              device="cpu", clock: str = "wall", heads=None, full_logits_variant: bool = True,
+              peak_flops: float | None = None) -> tuple[list[Row], dict]:
+    """Time one stage on one model; return the table rows and the raw numbers.
+
+    With `peak_flops` (the machine's measured matmul FLOP/s), each side also gets a row "fraction
+    of the 4N limit": 4N FLOPs per token (forward 2N, backward through the activations 2N, N the
+    linear weights; a frozen base needs no weight gradients) at that peak, over the measured
+    throughput. It ignores attention's T^2 work and the elementwise ops, and charges both sides
+    the full 4N, so "ours" (logits at the answer positions only) can do less than the limit's work.
+    """
     cfg = ours_model.config
     batch = {k: t.to(device) for k, t in make_batch(cfg.vocab_size, shape).items()}
     heads = heads if heads is not None else pick_heads(cfg.n_layers, cfg.n_heads)
@@ -236,13 +243,22 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
     rows = []
     for name in [s.name for s in sides][1:]:
         main = name == "ours"
+        target = (1.2 if main else 1.0) if config == "medium" else None  # full logits: >= transformers
         rows.append(Row("train", config, f"{label} tokens/s" + ("" if main else f" [{name}]"),
-                        tps[base], tps[name], "tok/s", True, 1.2 if main and config == "medium" else None,
+                        tps[base], tps[name], "tok/s", True, target,
                         note=f"first-step loss gap {loss_gap:.1e}" if main else ""))
         rows.append(Row("train", config, f"{label} peak step memory" + ("" if main else f" [{name}]"),
                         peaks[base] / 2**20, peaks[name] / 2**20, "MiB", False,
                         1.0 if main and config == "medium" else None))
-    raw = {"stage": stage, "heads": heads, "shape": vars(shape), "times_s": times, "tokens_per_s": tps,
+    limit = {}
+    if peak_flops:
+        n_params = linear_params(ours_model)
+        limit = {name: t * 4 * n_params / peak_flops for name, t in tps.items()}
+        for name in [s.name for s in sides][1:]:
+            rows.append(Row("train", config, f"{label} fraction of the 4N-FLOP limit"
+                            + ("" if name == "ours" else f" [{name}]"), limit[base], limit[name], "", True,
+                            note=f"N = {n_params / 1e6:.1f}M, matmul peak {peak_flops / 1e9:.0f} GFLOP/s"))
+    raw = {"stage": stage, "heads": heads, "limit_fraction": limit, "matmul_peak_flops": peak_flops, "shape": vars(shape), "times_s": times, "tokens_per_s": tps,
            "peak_step_bytes": peaks, "static_bytes": {s.name: static_bytes(s) for s in sides},
            "first_step_loss": first_loss}
     hooks.remove()  # leave the baseline model stock for the next stage
