@@ -386,6 +386,54 @@ def answer_logprobs(model, input_ids, attention_mask, loss_mask, cache=None) -> 
     return torch.zeros(input_ids.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
 
 
+def pair_answer_logprobs(model, pairs: list[dict], pad_id: int, device="cpu") -> torch.Tensor:
+    """(n, 2) summed answer log-probs of the chosen and rejected answers of n DPO pairs, in fp32.
+
+    The two sequences of a pair start with the same tokens (BOS + the prompt), so that shared
+    prefix runs once per pair, and only the two suffixes run on top of its KV cache: one forward
+    of n prefix rows, then one of 2n suffix rows (the cache repeated), where two full rows of
+    2n would repeat each prompt (~60% of a TruthfulQA pair's tokens). Gradients flow through the
+    cache. The result equals running the full sequences (answer_logprobs) up to fp32 rounding
+    (differently shaped matrix products: ~1e-6 relative; tests/test_lofit_speed.py holds it to
+    that). The prefix ends at least one token before either answer, whose first token is predicted
+    from the suffix's first position.
+
+    Args:
+        pairs: data.tokenize_dpo dicts (chosen/rejected input_ids and loss_mask lists).
+    """
+    from model import KVCache
+    prefixes, suffixes = [], []
+    for pair in pairs:
+        chosen, rejected = pair["chosen_input_ids"], pair["rejected_input_ids"]
+        common = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        n = max(1, min(common, pair["chosen_loss_mask"].index(True) - 1, pair["rejected_loss_mask"].index(True) - 1))
+        prefixes.append(chosen[:n])
+        suffixes.append((n, pair))
+    width = max(len(p) for p in prefixes)
+    prefix_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)  # (n, P), right-padded
+    prefix_mask = torch.zeros((len(pairs), width), dtype=torch.long)  # (n, P)
+    for row, ids in enumerate(prefixes):
+        prefix_ids[row, :len(ids)] = torch.tensor(ids)
+        prefix_mask[row, :len(ids)] = 1
+    rows = [(pair[f"{side}_input_ids"][n:], pair[f"{side}_loss_mask"][n:])
+            for side in ("chosen", "rejected") for n, pair in suffixes]  # chosen rows, then rejected
+    swidth = max(len(ids) for ids, _ in rows)
+    suffix_ids = torch.full((len(rows), swidth), pad_id, dtype=torch.long)  # (2n, S)
+    suffix_mask = torch.zeros((len(rows), swidth), dtype=torch.long)  # (2n, S)
+    loss_mask = torch.zeros((len(rows), swidth), dtype=torch.bool)  # (2n, S)
+    for row, (ids, mask) in enumerate(rows):
+        suffix_ids[row, :len(ids)] = torch.tensor(ids)
+        suffix_mask[row, :len(ids)] = 1
+        loss_mask[row, :len(ids)] = torch.tensor(mask)
+    prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+    cache = KVCache()
+    model.hidden_states(prefix_ids, prefix_mask, cache)  # fills the cache: per layer (n, H_kv, P, hd)
+    cache.layers = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in cache.layers]  # (2n, H_kv, P, hd)
+    attention_mask = torch.cat([prefix_mask.repeat(2, 1), suffix_mask.to(device)], dim=1)  # (2n, P + S)
+    logp = answer_logprobs(model, suffix_ids.to(device), attention_mask, loss_mask.to(device), cache)  # (2n,)
+    return logp.view(2, -1).T  # (n, 2)
+
+
 def ce_loss(model, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over every loss token of the batch (HF's loss with labels = -100 elsewhere).
 

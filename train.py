@@ -70,11 +70,11 @@ from iti import fit_iti
 from lofit import (
     HeadScore,
     Intervention,
-    answer_logprobs,
     ce_loss,
     dpo_loss,
     l1_penalty,
     offsets_disabled,
+    pair_answer_logprobs,
     rank_heads,
     select_heads,
     setup_stage1,
@@ -348,11 +348,12 @@ def tokenize_training_set(task, examples, tokenizer) -> TrainData:
 
 
 def pair_logprobs(model, data: TrainData, chunk: list[int], device) -> torch.Tensor:
-    """(n, 2) summed answer log-probs of the chosen and rejected answers of pairs `chunk`, one forward."""
-    rows = [(data.items[i][f"{side}_input_ids"], data.items[i][f"{side}_loss_mask"])
-            for side in ("chosen", "rejected") for i in chunk]
-    batch = {k: v.to(device) for k, v in collate(rows, data.pad_id).items()}
-    return answer_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).view(2, -1).T
+    """(n, 2) summed answer log-probs of the chosen and rejected answers of pairs `chunk`.
+
+    Each pair's shared prompt runs once (lofit.pair_answer_logprobs: 9-10% faster per DPO step on
+    CPU, benchmarks/README.md; equal to running both full sequences up to fp32 rounding).
+    """
+    return pair_answer_logprobs(model, [data.items[i] for i in chunk], data.pad_id, device)
 
 
 @torch.no_grad()
