@@ -94,7 +94,8 @@ def run(cmd, **kwargs):
 def original_checkout(cache: Path, repo: str) -> Path:
     src = cache / "lo-fit"
     if (src / "lofit_trainer.py").is_file():
-        head = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        head = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=False).stdout
         if head.startswith(ORIGINAL_COMMIT):
             return src
         shutil.rmtree(src)
@@ -290,7 +291,7 @@ def run_original(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
     p1 = timed_process([python, runner, workdir / "stage1.json", "--", *stage1], src, env, log)
     p2 = timed_process([python, runner, workdir / "stage2.json", "--", *stage2], src, env, log)
     s1, s2 = (json.loads((workdir / f"stage{i}.json").read_text()) for i in (1, 2))
-    import numpy as np  # noqa: F401  (only to read the .npy the original writes)
+    import numpy as np  # only to read the .npy the original writes
     ranking = [tuple(int(x) for x in row) for row in np.load(heads_file)]
     summary = {}
     with open(src / "tqa_results" / "summary_dump" / "bench_lofit.csv") as f:
@@ -351,7 +352,7 @@ def report(results: dict, hp: dict, args) -> str:
              f"{hp['threads']} thread(s); medians of {len(ours)} / {len(orig)} runs (ours / original)", "",
              "| phase | original s | ours s | speed-up | original peak MiB | ours peak MiB | ours / original |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    names = {"stage1": "stage 1 (incl. DPO reference)", "stage2": "stage 2 (incl. DPO reference, original)",
+    names = {"stage1": "stage 1 (with the DPO reference pass)", "stage2": "stage 2 (original: with its own reference pass)",
              "eval": "TruthfulQA evaluation (test fold)", "whole": "whole command"}
     for phase, label in names.items():
         if ours and orig:
@@ -411,15 +412,20 @@ def main(argv=None) -> int:
             results[side].append(result)
             print(f"round {r} {side}: whole {result['whole']['seconds']:.1f} s, "
                   f"peak {result['whole']['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+            write_out(args, hp, results)  # after every run: a long run stopped early keeps what it measured
+    print(write_out(args, hp, results))
+    return 0
+
+
+def write_out(args, hp, results) -> str:
     table = report(results, hp, args)
-    print(table)
     if args.out:
         import torch
         args.out.write_text(json.dumps({
             "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"), "hparams": hp,
             "shims": SHIMS, "results": results, "table": table}, indent=1, default=str))
-    return 0
+    return table
 
 
 if __name__ == "__main__":

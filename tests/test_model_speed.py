@@ -8,9 +8,9 @@ gradients are summed over each group in another order, so to fp32 rounding).
 import pytest
 import torch
 
+from hf_reference import make_checkpoint
 import lofit
 import model as model_module
-from hf_reference import make_checkpoint
 from model import Llama
 
 
@@ -33,7 +33,7 @@ def explicit_mask(attention_mask, B, past, T, device):
 
 
 def test_right_padding_needs_no_mask():
-    ids, mask = right_padded(128, [7, 5, 3])
+    _, mask = right_padded(128, [7, 5, 3])
     positions, attn = model_module.positions_and_mask(mask, 3, 0, 7, "cpu")
     assert attn is None and torch.equal(positions, explicit_mask(mask, 3, 0, 7, "cpu")[0])
     left = mask.flip(-1)  # left padding (generation) still needs the mask
