@@ -86,8 +86,8 @@ def run_cpu(args, configs: list[str], sections: list[str]) -> tuple[list[Row], d
     peak = None
     if "train" in sections:
         from common import matmul_peak_flops
-        peak = matmul_peak_flops()
-        say(f"matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.threads} thread(s), fp32, 2048^3)")
+        peak = matmul_peak_flops(clock=args.clock)
+        say(f"matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.threads} thread(s), fp32, 2048^3, {args.clock} clock)")
         raw["matmul_peak_flops"] = peak
     with new_workdir() as workdir:
         for name in configs:
