@@ -77,3 +77,19 @@ def test_right_padded_lofit_gradients_match(tmp_path, monkeypatch, family):
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_frozen_layers_below_the_lowest_trained_head_record_no_backward(tmp_path):
+    """Stage 2 needs no backward below its lowest trained layer, and autograd already records none:
+    the hidden state entering that layer does not require grad, so wrapping the layers below it in
+    no_grad (measured: no faster, identical gradients) would change nothing."""
+    path, _ = make_checkpoint(tmp_path, "llama2", num_hidden_layers=4)
+    model = Llama.from_pretrained(path)
+    lofit.setup_stage2(model, [(2, 1), (3, 0)], generator=torch.Generator().manual_seed(0))
+    needs_grad = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda module, args: needs_grad.append(args[0].requires_grad))
+    ids, mask = right_padded(128, [12, 9])
+    loss_mask = mask.bool() & (torch.arange(12)[None, :] >= 6)
+    loss = lofit.ce_loss(model, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask})
+    assert needs_grad == [False, False, False, True] and loss.requires_grad
