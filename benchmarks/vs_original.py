@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per side (OMP_NUM_THREADS)")
     p.add_argument("--only", choices=("ours", "original"), default=None, help="run one side only")
     p.add_argument("--out", type=Path, default=None, help="write every raw number to this JSON file")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: read back the runs already in --cache/runs and print the table")
     return p.parse_args(argv)
 
 
@@ -288,23 +290,32 @@ def run_original(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
                        "--lr", str(hp["lr_v"]), "--l1_lambda", "0", "--output_dir", str(workdir / "ckpt_v"),
                        "--output_file_name", "bench_lofit"]
     runner = shim / "run_original.py"
-    p1 = timed_process([python, runner, workdir / "stage1.json", "--", *stage1], src, env, log)
-    p2 = timed_process([python, runner, workdir / "stage2.json", "--", *stage2], src, env, log)
+    processes = [timed_process([python, runner, workdir / "stage1.json", "--", *stage1], src, env, log)]
+    processes.append(timed_process([python, runner, workdir / "stage2.json", "--", *stage2], src, env, log))
+    (workdir / "processes.json").write_text(json.dumps(processes))
+    for outputs in ("top_heads", "tqa_results"):  # kept with the run (the next run of the original clears them)
+        shutil.copytree(src / outputs, workdir / outputs)
+    return collect_original(workdir, hp)
+
+
+def collect_original(workdir: Path, hp: dict) -> dict:
+    """One run of the original, read back from its run directory."""
+    processes = json.loads((workdir / "processes.json").read_text())
     s1, s2 = (json.loads((workdir / f"stage{i}.json").read_text()) for i in (1, 2))
     import numpy as np  # only to read the .npy the original writes
-    ranking = [tuple(int(x) for x in row) for row in np.load(heads_file)]
+    ranking = [tuple(int(x) for x in row) for row in np.load(next((workdir / "top_heads").glob("*.npy")))]
     summary = {}
-    with open(src / "tqa_results" / "summary_dump" / "bench_lofit.csv") as f:
+    with open(workdir / "tqa_results" / "summary_dump" / "bench_lofit.csv") as f:
         for row in csv.DictReader(f):
-            summary = row  # one model row: Model, MC1, MC2, ...
+            summary = row  # one model row: MC1, MC2, CE Loss, KL wrt Orig
     phase = {p["phase"]: p for p in s1["phases"]}
     phase2 = {p["phase"]: p for p in s2["phases"]}
     return {
         "stage1": phase["train"], "stage2": phase2["train"], "eval": phase2["eval"],
-        "processes": [p1, p2],
-        "whole": {"seconds": p1["seconds"] + p2["seconds"], "peak_rss_bytes": max(p1["peak_rss_bytes"], p2["peak_rss_bytes"])},
-        "loss_stage1": [e["train_loss"] for e in s1["log_history"] if "train_loss" in e] or
-                       [e["loss"] for e in s1["log_history"] if "loss" in e],
+        "processes": processes,
+        "whole": {"seconds": sum(p["seconds"] for p in processes),
+                  "peak_rss_bytes": max(p["peak_rss_bytes"] for p in processes)},
+        "loss_stage1": [e["loss"] for e in s1["log_history"] if "loss" in e],  # per epoch (logging_strategy)
         "loss_stage2": [e["loss"] for e in s2["log_history"] if "loss" in e],
         "log_history": [s1["log_history"], s2["log_history"]],
         "ranking": ranking, "selected": ranking[:hp["k"]],
@@ -321,7 +332,14 @@ def run_ours(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
            "--lr-a", hp["lr_a"], "--l1", hp["l1"], "--lr-v", hp["lr_v"], "--k", hp["k"], "--beta", hp["beta"],
            "--seed", hp["seed"], "--train-size", "0", "--tokenizer", "tokenizer.json", "--dtype", "float32",
            "--device", "cpu"]
-    whole = timed_process(cmd, ROOT, env, log)
+    (workdir / "processes.json").write_text(json.dumps([timed_process(cmd, ROOT, env, log)]))
+    return collect_ours(workdir)
+
+
+def collect_ours(workdir: Path) -> dict:
+    """One run of ours, read back from its run directory."""
+    out = workdir / "ours"
+    whole = json.loads((workdir / "processes.json").read_text())[0]
     phases = {}
     for p in json.loads((workdir / "ours_phases.json").read_text())["phases"]:
         phases[p["phase"]] = p
@@ -388,6 +406,14 @@ def main(argv=None) -> int:
     # The paper's Llama-2-7B TruthfulQA settings (train_script_truthfulqa.sh), K scaled to 10% of the heads.
     hp = {"epochs": args.epochs, "batch": 8, "lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2, "beta": 0.5, "seed": 42,
           "k": args.k or max(1, n_all // 10), "n_heads_total": n_all, "threads": args.threads}
+    if args.report_only:
+        results = {"original": [], "ours": []}
+        for workdir in sorted((cache / "runs").iterdir()):
+            side = "original" if workdir.name.startswith("original") else "ours"
+            if args.only in (None, side) and (workdir / "processes.json").is_file():
+                results[side].append(collect_original(workdir, hp) if side == "original" else collect_ours(workdir))
+        print(write_out(args, hp, results))
+        return 0
     setup = {}
     if args.only != "ours":
         setup["src"] = original_checkout(cache, args.original_repo)
