@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import Row, interleaved_times, linear_params, median, peak_memory, tensor_bytes  # first: puts the repo root on sys.path
+from common import (  # first: puts the repo root on sys.path
+    Row,
+    interleaved_times,
+    linear_params,
+    median,
+    peak_memory,
+    tensor_bytes,
+)
 
 import lofit  # noqa: E402
 
@@ -258,7 +265,8 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
             rows.append(Row("train", config, f"{label} fraction of the 4N-FLOP limit"
                             + ("" if name == "ours" else f" [{name}]"), limit[base], limit[name], "", True,
                             note=f"N = {n_params / 1e6:.1f}M, matmul peak {peak_flops / 1e9:.0f} GFLOP/s"))
-    raw = {"stage": stage, "heads": heads, "limit_fraction": limit, "matmul_peak_flops": peak_flops, "shape": vars(shape), "times_s": times, "tokens_per_s": tps,
+    raw = {"stage": stage, "heads": heads, "limit_fraction": limit, "matmul_peak_flops": peak_flops,
+           "shape": vars(shape), "times_s": times, "tokens_per_s": tps,
            "peak_step_bytes": peaks, "static_bytes": {s.name: static_bytes(s) for s in sides},
            "first_step_loss": first_loss}
     hooks.remove()  # leave the baseline model stock for the next stage

@@ -351,7 +351,8 @@ def collect_ours(workdir: Path) -> dict:
     return {
         "stage1": stage1, "reference": ref, "stage2": phases["stage2"], "eval": phases["eval"], "whole": whole,
         "loss_stage1": metrics["train_loss"]["stage1"], "loss_stage2": metrics["train_loss"]["stage2"],
-        "ranking": [(r["layer"], r["head"]) for r in heads["ranking"]], "selected": [tuple(h) for h in heads["selected"]],
+        "ranking": [(r["layer"], r["head"]) for r in heads["ranking"]],
+        "selected": [tuple(h) for h in heads["selected"]],
         "test": {k: metrics["test"][k] for k in ("mc1", "mc2", "mc3") if k in metrics["test"]},
     }
 
@@ -370,7 +371,8 @@ def report(results: dict, hp: dict, args) -> str:
              f"{hp['threads']} thread(s); medians of {len(ours)} / {len(orig)} runs (ours / original)", "",
              "| phase | original s | ours s | speed-up | original peak MiB | ours peak MiB | ours / original |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    names = {"stage1": "stage 1 (with the DPO reference pass)", "stage2": "stage 2 (original: with its own reference pass)",
+    names = {"stage1": "stage 1 (with the DPO reference pass)",
+             "stage2": "stage 2 (original: with its own reference pass)",
              "eval": "TruthfulQA evaluation (test fold)", "whole": "whole command"}
     for phase, label in names.items():
         if ours and orig:
@@ -385,10 +387,12 @@ def report(results: dict, hp: dict, args) -> str:
             lines.append(f"| {key.replace('_', ' ')} per epoch | {fmt(b[key])} | {fmt(a[key])} |")
         for m in ("mc1", "mc2", "mc3"):
             if m in a["test"] or m in b["test"]:
-                lines.append(f"| {m.upper()} | {b['test'].get(m, float('nan')):.4f} | {a['test'].get(m, float('nan')):.4f} |")
+                theirs, mine = b["test"].get(m, float("nan")), a["test"].get(m, float("nan"))
+                lines.append(f"| {m.upper()} | {theirs:.4f} | {mine:.4f} |")
         k = hp["k"]
         same = len(set(map(tuple, a["selected"])) & set(map(tuple, b["selected"])))
-        lines.append(f"| stage-1 top {k} heads | {sorted(map(tuple, b['selected']))} | {sorted(map(tuple, a['selected']))} |")
+        theirs, mine = sorted(map(tuple, b["selected"])), sorted(map(tuple, a["selected"]))
+        lines.append(f"| stage-1 top {k} heads | {theirs} | {mine} |")
         lines.append(f"| top-{k} overlap | {same} / {k} | |")
     return "\n".join(lines)
 

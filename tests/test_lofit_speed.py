@@ -26,7 +26,8 @@ def random_pairs(n: int, vocab: int = 128, seed: int = 0) -> list[dict]:
         prompt = [1] + ids(int(torch.randint(3, 20, (1,), generator=g)))
         chosen, rejected = ids(int(torch.randint(1, 9, (1,), generator=g))) + [2], ids(5) + [2]
         rejected_prompt = prompt[:-1] + ids(1) if i % 3 == 0 else prompt  # trl's merged last prompt token
-        pairs.append({"chosen_input_ids": prompt + chosen, "chosen_loss_mask": [False] * len(prompt) + [True] * len(chosen),
+        pairs.append({"chosen_input_ids": prompt + chosen,
+                      "chosen_loss_mask": [False] * len(prompt) + [True] * len(chosen),
                       "rejected_input_ids": rejected_prompt + rejected,
                       "rejected_loss_mask": [False] * len(rejected_prompt) + [True] * len(rejected)})
     return pairs

@@ -8,9 +8,9 @@ gradients are summed over each group in another order, so to fp32 rounding).
 import pytest
 import torch
 
-from hf_reference import make_checkpoint
 import lofit
 import model as model_module
+from hf_reference import make_checkpoint
 from model import Llama
 
 
