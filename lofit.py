@@ -386,7 +386,8 @@ def answer_logprobs(model, input_ids, attention_mask, loss_mask, cache=None) -> 
     return torch.zeros(input_ids.shape[0], device=logp.device).index_add(0, rows, logp)  # (B,)
 
 
-def pair_answer_logprobs(model, pairs: list[dict], pad_id: int, device="cpu") -> torch.Tensor:
+def pair_answer_logprobs(model, pairs: list[dict], pad_id: int, device="cpu", shared_prefix: bool = True
+                         ) -> torch.Tensor:
     """(n, 2) summed answer log-probs of the chosen and rejected answers of n DPO pairs, in fp32.
 
     The two sequences of a pair start with the same tokens (BOS + the prompt), so that shared
@@ -400,8 +401,20 @@ def pair_answer_logprobs(model, pairs: list[dict], pad_id: int, device="cpu") ->
 
     Args:
         pairs: data.tokenize_dpo dicts (chosen/rejected input_ids and loss_mask lists).
+        shared_prefix: False runs the 2n full sequences in one batch instead (the reference path;
+            also what an FSDP-sharded model needs, which cannot run a block twice before a backward).
     """
+    from data import collate
     from model import KVCache
+
+    def padded(rows):  # input_ids, attention_mask, loss_mask, each (B, T), right-padded
+        batch = collate(rows, pad_id)
+        return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+
+    if not shared_prefix:
+        ids, mask, loss_mask = padded([(p[f"{side}_input_ids"], p[f"{side}_loss_mask"])
+                                       for side in ("chosen", "rejected") for p in pairs])
+        return answer_logprobs(model, ids.to(device), mask.to(device), loss_mask.to(device)).view(2, -1).T
     prefixes, suffixes = [], []
     for pair in pairs:
         chosen, rejected = pair["chosen_input_ids"], pair["rejected_input_ids"]
@@ -409,22 +422,10 @@ def pair_answer_logprobs(model, pairs: list[dict], pad_id: int, device="cpu") ->
         n = max(1, min(common, pair["chosen_loss_mask"].index(True) - 1, pair["rejected_loss_mask"].index(True) - 1))
         prefixes.append(chosen[:n])
         suffixes.append((n, pair))
-    width = max(len(p) for p in prefixes)
-    prefix_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)  # (n, P), right-padded
-    prefix_mask = torch.zeros((len(pairs), width), dtype=torch.long)  # (n, P)
-    for row, ids in enumerate(prefixes):
-        prefix_ids[row, :len(ids)] = torch.tensor(ids)
-        prefix_mask[row, :len(ids)] = 1
-    rows = [(pair[f"{side}_input_ids"][n:], pair[f"{side}_loss_mask"][n:])
-            for side in ("chosen", "rejected") for n, pair in suffixes]  # chosen rows, then rejected
-    swidth = max(len(ids) for ids, _ in rows)
-    suffix_ids = torch.full((len(rows), swidth), pad_id, dtype=torch.long)  # (2n, S)
-    suffix_mask = torch.zeros((len(rows), swidth), dtype=torch.long)  # (2n, S)
-    loss_mask = torch.zeros((len(rows), swidth), dtype=torch.bool)  # (2n, S)
-    for row, (ids, mask) in enumerate(rows):
-        suffix_ids[row, :len(ids)] = torch.tensor(ids)
-        suffix_mask[row, :len(ids)] = 1
-        loss_mask[row, :len(ids)] = torch.tensor(mask)
+    prefix_ids, prefix_mask, _ = padded([(ids, [False] * len(ids)) for ids in prefixes])  # (n, P)
+    suffix_ids, suffix_mask, loss_mask = padded(  # (2n, S): chosen rows, then rejected
+        [(pair[f"{side}_input_ids"][n:], pair[f"{side}_loss_mask"][n:])
+         for side in ("chosen", "rejected") for n, pair in suffixes])
     prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
     cache = KVCache()
     model.hidden_states(prefix_ids, prefix_mask, cache)  # fills the cache: per layer (n, H_kv, P, hd)

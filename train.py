@@ -351,9 +351,13 @@ def pair_logprobs(model, data: TrainData, chunk: list[int], device) -> torch.Ten
     """(n, 2) summed answer log-probs of the chosen and rejected answers of pairs `chunk`.
 
     Each pair's shared prompt runs once (lofit.pair_answer_logprobs: 9-10% faster per DPO step on
-    CPU, benchmarks/README.md; equal to running both full sequences up to fp32 rounding).
+    CPU, benchmarks/README.md; equal to running both full sequences up to fp32 rounding), except
+    under FSDP sharding, whose blocks reshard after each forward and cannot serve two forwards of
+    a block before one backward: there both full sequences run in one batch.
     """
-    return pair_answer_logprobs(model, [data.items[i] for i in chunk], data.pad_id, device)
+    from torch.distributed.fsdp import FSDPModule
+    return pair_answer_logprobs(model, [data.items[i] for i in chunk], data.pad_id, device,
+                                shared_prefix=not isinstance(model, FSDPModule))
 
 
 @torch.no_grad()

@@ -59,6 +59,8 @@ def test_shared_prefix_matches_full_sequences(tmp_path, family, stage):
     shared, shared_grads = run(lambda m, ps: lofit.pair_answer_logprobs(m, ps, pad_id=0))
     full, full_grads = run(full_sequences)
     assert shared.shape == (7, 2)
+    with torch.no_grad():  # the sharded-model path is the full-sequence batch itself
+        assert torch.equal(lofit.pair_answer_logprobs(model, pairs, pad_id=0, shared_prefix=False), full)
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
     for a, b in zip(shared_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
