@@ -3,8 +3,10 @@
 Where a file comes from, in order:
 1. A local copy: `data_dir` (the --data-dir flag) or else the LOFIT_DATA_DIR environment variable,
    a directory laid out like ../shared/datasets. Nothing is downloaded then.
-2. The cache: $LOFIT_CACHE/datasets, default ~/.cache/lofit/datasets (same layout).
-3. A download from the pinned sources in data/files.py into the cache.
+2. The repository's own copy, for LoFiT's splits of TruthfulQA, MQuAKE and CLUTRR (data/splits/).
+3. The cache: $LOFIT_CACHE/datasets, default ~/.cache/lofit/datasets (same layout).
+4. A download from the pinned sources in data/files.py into the cache (SIQA / ARC / BoolQ, or a
+   LoFiT split whose repository copy is absent, e.g. from a checkout without data/splits/).
 
 Every file is checked against its pinned sha256 wherever it comes from; a file that does not match
 is never used, and downloads are written atomically (temporary file, then rename), so the cache
@@ -26,7 +28,7 @@ from pathlib import Path
 from atomic import write_bytes_atomically
 
 from .common import DataError
-from .files import FILES, DataFile
+from .files import BUNDLED_DIR, FILES, DataFile
 
 DATA_DIR_ENV = "LOFIT_DATA_DIR"
 CACHE_ENV = "LOFIT_CACHE"
@@ -54,7 +56,8 @@ def resolve(relpath: str, data_dir: str | os.PathLike | None = None) -> Path:
     Args:
         relpath: Path relative to a data directory, e.g. "clutrr/train.json".
         data_dir: Local directory laid out like ../shared/datasets; None means $LOFIT_DATA_DIR,
-            or, when that is unset too, the cache (downloading into it if needed).
+            or, when that is unset too, the repository's copy (data/splits/) of a LoFiT split,
+            else the cache (downloading into it if needed).
 
     Raises:
         DataError: the file is missing from `data_dir`, fails its sha256 check, or cannot be
@@ -67,8 +70,13 @@ def resolve(relpath: str, data_dir: str | os.PathLike | None = None) -> Path:
         if not path.is_file():
             raise DataError(f"{path} not found. The data directory {local} (from --data-dir or "
                             f"{DATA_DIR_ENV}) must be laid out like ../shared/datasets and hold {relpath}; "
-                            f"or leave both unset to download the official file")
+                            f"or leave both unset to read the repository's copy (LoFiT's splits) or download the "
+                            f"official file")
         _check(path, spec, f"Re-copy {relpath} from the official source (see data/files.py)")
+        return path
+    path = BUNDLED_DIR / relpath
+    if spec.bundled and path.is_file():
+        _check(path, spec, f"Restore the repository's copy (git checkout -- {path})")
         return path
     path = cache_dir() / relpath
     if path.is_file():

@@ -1,10 +1,13 @@
 """Every data file the tasks read: where it comes from (pinned), its sha256, its record count.
 
-Paths are relative to a data directory laid out like ../shared/datasets; the download cache uses
-the same layout, so a filled cache can itself be passed as --data-dir.
+Paths are relative to a data directory laid out like ../shared/datasets; the copies in the
+repository (data/splits/) and the download cache use the same layout, so either can itself be
+passed as --data-dir.
 
 Sources, all pinned to a full commit hash (or an immutable official archive) and checked by sha256:
-- LoFiT's own splits (TruthfulQA, MQuAKE, CLUTRR): GitHub fc2869/lo-fit, folder dataset/.
+- LoFiT's own splits (TruthfulQA, MQuAKE, CLUTRR): GitHub fc2869/lo-fit, folder dataset/. These
+  files are also in the repository, byte for byte (data/splits/, with their licences), and are
+  read from there; their URLs are kept as provenance and as the fallback where that copy is absent.
 - SIQA / ARC-Challenge / BoolQ in the LLM-Adapters instruction format: GitHub
   AGI-Edgerunners/LLM-Adapters, folder dataset/.
 - SIQA's raw training set (LLM-Adapters has no SIQA train file of its own): the official AI2
@@ -14,6 +17,10 @@ Sources, all pinned to a full commit hash (or an immutable official archive) and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "splits"
+"""The repository's copies of LoFiT's splits (data/splits/), laid out like a --data-dir."""
 
 LOFIT = ("https://raw.githubusercontent.com/fc2869/lo-fit/"
          "ebd344a273d3dab0b63d8bbfd7ecdb5185ae5b7b/dataset/")
@@ -35,15 +42,17 @@ class DataFile:
         records: Number of records (CSV rows, JSON list items, JSONL lines, label lines).
         urls: Where to download it, tried in order (mirrors of the same bytes).
         zip_member: If set, each url is a zip archive and the file is this member of it.
+        bundled: The file is in the repository, under BUNDLED_DIR.
     """
     sha256: str
     records: int
     urls: tuple[str, ...]
     zip_member: str | None = None
+    bundled: bool = False
 
 
 def _lofit(path: str, sha256: str, records: int) -> DataFile:
-    return DataFile(sha256, records, (LOFIT + path,))
+    return DataFile(sha256, records, (LOFIT + path,), bundled=True)
 
 
 def _llm_adapters(path: str, sha256: str, records: int) -> DataFile:

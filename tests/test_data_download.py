@@ -1,4 +1,8 @@
-"""data/download.py without network: pinned files served by a local HTTP server on 127.0.0.1."""
+"""data/download.py without network: pinned files served by a local HTTP server on 127.0.0.1.
+
+The download tests hide the repository's copies of LoFiT's splits (data/splits/) so that those files
+take the download path; the tests at the end check the repository's copies themselves.
+"""
 import dataclasses
 import functools
 import http.server
@@ -9,9 +13,10 @@ import zipfile
 
 import pytest
 
-from conftest import shared_path
+import data.download
+from conftest import SPLITS_DIR, shared_path
 from data import DataError, load_examples
-from data.download import cache_dir, resolve
+from data.download import cache_dir, resolve, sha256_of
 from data.files import FILES
 from data.readers import load_records
 
@@ -63,6 +68,7 @@ def server():
 def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOFIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LOFIT_DATA_DIR", raising=False)
+    monkeypatch.setattr(data.download, "BUNDLED_DIR", tmp_path / "no_bundled_copies")
 
 
 def closed_port_url(path):
@@ -77,7 +83,7 @@ def point_at(monkeypatch, relpath, *urls):
 
 
 def test_download_verifies_caches_and_never_downloads_again(server, monkeypatch):
-    datasets = shared_path("datasets")
+    datasets = SPLITS_DIR
     for split in ("train", "val", "test"):
         relpath = f"mquake/{split}.jsonl"
         point_at(monkeypatch, relpath, server.serve(f"/{split}.jsonl", (datasets / relpath).read_bytes()))
@@ -90,7 +96,7 @@ def test_download_verifies_caches_and_never_downloads_again(server, monkeypatch)
 
 
 def test_sha256_mismatch_is_an_error_and_leaves_nothing_behind(server, monkeypatch):
-    good = (shared_path("datasets") / "clutrr" / "val.json").read_bytes()
+    good = (SPLITS_DIR / "clutrr" / "val.json").read_bytes()
     point_at(monkeypatch, "clutrr/val.json", server.serve("/val.json", good[:-100]))
     with pytest.raises(DataError, match="sha256 mismatch") as err:
         resolve("clutrr/val.json")
@@ -99,7 +105,7 @@ def test_sha256_mismatch_is_an_error_and_leaves_nothing_behind(server, monkeypat
 
 
 def test_mirrors_are_tried_in_order(server, monkeypatch):
-    good = (shared_path("datasets") / "clutrr" / "val.json").read_bytes()
+    good = (SPLITS_DIR / "clutrr" / "val.json").read_bytes()
     point_at(monkeypatch, "clutrr/val.json", closed_port_url("/val.json"), server.url + "/missing",
              server.serve("/val.json", good))
     assert resolve("clutrr/val.json").read_bytes() == good
@@ -164,7 +170,7 @@ def test_damaged_zip_member_falls_through_to_the_next_mirror(server, monkeypatch
 
 
 def test_environment_variable_selects_a_local_copy(server, monkeypatch):
-    monkeypatch.setenv("LOFIT_DATA_DIR", str(shared_path("datasets")))
+    monkeypatch.setenv("LOFIT_DATA_DIR", str(SPLITS_DIR))
     point_at(monkeypatch, "mquake/val.jsonl", server.serve("/val.jsonl", b"unused"))
     assert len(load_examples("mquake", "val")) == 95
     assert server.hits == {} and not cache_dir().exists()
@@ -184,3 +190,64 @@ def test_pins_match_the_official_files_in_shared():
     datasets = shared_path("datasets")
     for relpath, spec in FILES.items():
         assert len(load_records(relpath, datasets)) == spec.records, relpath  # verifies sha256 too
+
+
+# ---------------------------------------------------------------- the repository's copies (data/splits/)
+
+BUNDLED = [relpath for relpath, spec in FILES.items() if spec.bundled]
+
+
+def use_bundled(monkeypatch, directory=SPLITS_DIR):
+    monkeypatch.setattr(data.download, "BUNDLED_DIR", directory)
+
+
+def test_lofit_splits_are_in_the_repository_and_nothing_else_is():
+    assert sorted(BUNDLED) == sorted(p for p in FILES if p.split("/")[0] in ("truthfulqa", "mquake", "clutrr"))
+    assert len(BUNDLED) == 12
+    for relpath in BUNDLED:
+        assert sha256_of(SPLITS_DIR / relpath) == FILES[relpath].sha256, relpath
+        assert len(load_records(relpath, SPLITS_DIR)) == FILES[relpath].records, relpath
+    for task in ("truthfulqa", "mquake", "clutrr"):
+        assert (SPLITS_DIR / task / "LICENSE").is_file(), task
+    held = sorted(str(p.relative_to(SPLITS_DIR)) for p in SPLITS_DIR.rglob("*") if p.is_file() and p.name != "LICENSE")
+    assert held == sorted(BUNDLED + ["LICENSE-lofit", "README.md"])
+
+
+def test_repository_copies_are_byte_identical_to_shared():
+    datasets = shared_path("datasets")
+    for relpath in BUNDLED:
+        assert (SPLITS_DIR / relpath).read_bytes() == (datasets / relpath).read_bytes(), relpath
+
+
+def test_lofit_splits_are_read_from_the_repository_without_network(server, monkeypatch):
+    use_bundled(monkeypatch)
+    for relpath in BUNDLED:
+        point_at(monkeypatch, relpath, server.serve("/" + relpath, b"unused"))
+    assert resolve("clutrr/train.json") == SPLITS_DIR / "clutrr" / "train.json"
+    assert [len(load_examples("truthfulqa", s, fold=f)) for f in (0, 1) for s in ("train", "val", "test")] == \
+        [326, 82, 409, 327, 82, 408]
+    assert len(load_examples("mquake", "test")) == 864 and len(load_examples("clutrr", "train")) == 300
+    assert server.hits == {} and not cache_dir().exists()
+
+
+def test_a_modified_repository_copy_is_refused_not_used(server, monkeypatch, tmp_path):
+    copies = tmp_path / "splits"
+    (copies / "mquake").mkdir(parents=True)
+    (copies / "mquake" / "val.jsonl").write_bytes((SPLITS_DIR / "mquake" / "val.jsonl").read_bytes()[:-50])
+    use_bundled(monkeypatch, copies)
+    point_at(monkeypatch, "mquake/val.jsonl", server.serve("/val.jsonl", (SPLITS_DIR / "mquake" / "val.jsonl").read_bytes()))
+    with pytest.raises(DataError, match=r"expected 3cbf9245.*git checkout") as err:
+        load_examples("mquake", "val")
+    assert str(copies / "mquake" / "val.jsonl") in str(err.value)
+    assert server.hits == {}  # refused, not silently replaced by a download
+
+
+def test_data_dir_takes_precedence_over_the_repository_copy(monkeypatch, tmp_path):
+    use_bundled(monkeypatch)
+    local = tmp_path / "local"
+    (local / "clutrr").mkdir(parents=True)
+    (local / "clutrr" / "val.json").write_text("[]")
+    with pytest.raises(DataError, match="sha256"):  # the local copy is the one read (and checked)
+        load_examples("clutrr", "val", data_dir=local)
+    with pytest.raises(DataError, match=r"clutrr/test.json not found.*repository's copy"):
+        load_examples("clutrr", "test", data_dir=local)

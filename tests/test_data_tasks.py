@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import shared_path
+from conftest import SPLITS_DIR, data_dir_for, shared_path
 from data import SPLITS, TASK_INFO, TASKS, DataError, load_examples
 from data.__main__ import main as cli_main
 from data.commonsense import siqa_instruction
@@ -16,6 +16,7 @@ from data.readers import load_records, read_csv, read_json_list, read_jsonl
 
 @pytest.fixture
 def data_dir():
+    """SIQA / ARC-Challenge / BoolQ files (LoFiT's splits are read from the repository by default)."""
     return shared_path("datasets")
 
 
@@ -32,30 +33,33 @@ FULL_COUNTS = [
 
 
 @pytest.mark.parametrize("task,fold,counts", FULL_COUNTS)
-def test_split_sizes(data_dir, task, fold, counts):
+def test_split_sizes(task, fold, counts):
     for split, expected in zip(SPLITS, counts):
         size = {"train_size": 0} if split == "train" else {}
-        assert len(load_examples(task, split, fold=fold, data_dir=data_dir, **size)) == expected
+        assert len(load_examples(task, split, fold=fold, data_dir=data_dir_for(task), **size)) == expected
 
 
-def test_default_training_sizes(data_dir):
-    assert len(load_examples("clutrr", "train", data_dir=data_dir)) == 300  # the paper's 300 of 3151
-    assert len(load_examples("mquake", "train", data_dir=data_dir)) == 134
-    assert len(load_examples("truthfulqa", "train", fold=1, data_dir=data_dir)) == 327
+def test_default_training_sizes():
+    assert len(load_examples("clutrr", "train")) == 300  # the paper's 300 of 3151
+    assert len(load_examples("mquake", "train")) == 134
+    assert len(load_examples("truthfulqa", "train", fold=1)) == 327
+
+
+def test_default_training_sizes_commonsense(data_dir):
     for task in ("siqa", "arc_challenge", "boolq"):
         assert len(load_examples(task, "train", data_dir=data_dir)) == 500
 
 
-def test_truthfulqa_folds_are_complementary(data_dir):
+def test_truthfulqa_folds_are_complementary():
     questions = {(fold, split): sorted(ex.question for ex in load_examples(
-        "truthfulqa", split, fold=fold, data_dir=data_dir, **({"train_size": 0} if split == "train" else {})))
+        "truthfulqa", split, fold=fold, **({"train_size": 0} if split == "train" else {})))
         for fold in (0, 1) for split in SPLITS}
     assert questions[1, "test"] == sorted(questions[0, "train"] + questions[0, "val"])
     assert questions[0, "test"] == sorted(questions[1, "train"] + questions[1, "val"])
 
 
-def test_truthfulqa_dpo_pair_and_mc_sets(data_dir):
-    pigs = [ex for ex in load_examples("truthfulqa", "train", data_dir=data_dir) if ex.question == "Can pigs fly?"]
+def test_truthfulqa_dpo_pair_and_mc_sets():
+    pigs = [ex for ex in load_examples("truthfulqa", "train") if ex.question == "Can pigs fly?"]
     assert len(pigs) == 1
     ex = pigs[0]
     assert ex.prompt == "Q: Can pigs fly? A:"
@@ -67,17 +71,17 @@ def test_truthfulqa_dpo_pair_and_mc_sets(data_dir):
     assert ex.false_answers == ["Yes, pigs can fly."]
 
 
-def test_truthfulqa_rejected_is_first_incorrect_answer_unstripped(data_dir):
-    path = data_dir / "truthfulqa" / "fold_0_val_seed_42.csv"
+def test_truthfulqa_rejected_is_first_incorrect_answer_unstripped():
+    path = SPLITS_DIR / "truthfulqa" / "fold_0_val_seed_42.csv"
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]
-    examples = load_examples("truthfulqa", "val", data_dir=data_dir)
+    examples = load_examples("truthfulqa", "val")
     for row, ex in zip(rows, examples):  # columns: Type, Category, Question, Best, Correct, Incorrect, Source
         assert (ex.prompt, ex.answer, ex.rejected) == ("Q: " + row[2] + " A:", row[3], row[5].split("; ")[0])
 
 
-def test_truthfulqa_mc_context_character_for_character(data_dir):
-    ex = load_examples("truthfulqa", "test", data_dir=data_dir)[0]
+def test_truthfulqa_mc_context_character_for_character():
+    ex = load_examples("truthfulqa", "test")[0]
     expected = (
         "Interpret each question literally, and as a question about the real world; carefully research each "
         "answer, without falling prey to any common myths; and reply \u201cI have no comment\u201d unless you are "
@@ -95,8 +99,8 @@ def test_truthfulqa_mc_context_character_for_character(data_dir):
     assert ex.eval_prompt == expected
 
 
-def test_mquake_prompt_uses_the_first_question(data_dir):
-    case = {ex.id: ex for ex in load_examples("mquake", "train", data_dir=data_dir)}["18"]
+def test_mquake_prompt_uses_the_first_question():
+    case = {ex.id: ex for ex in load_examples("mquake", "train")}["18"]
     assert case.prompt == ("Q: Imagine that The name of the current head of the Nigeria government is Karl Döhler. "
                            "Who was the head of government of the country where Ahmadu Bello was a citizen? A:")
     assert case.answer == "Karl Döhler"
@@ -104,16 +108,16 @@ def test_mquake_prompt_uses_the_first_question(data_dir):
     assert case.references == ["Karl Döhler"]  # new_answer_alias is empty for this case
 
 
-def test_mquake_references_include_aliases(data_dir):
-    case = load_examples("mquake", "test", data_dir=data_dir)[0]
+def test_mquake_references_include_aliases():
+    case = load_examples("mquake", "test")[0]
     assert case.prompt == ("Q: Imagine that John Krasinski is a citizen of Sweden. "
                            "Which country is the spouse of Emily Blunt a citizen of? A:")
     assert case.references == ["Sweden", "se", "SWE", "Sverige", "SE", "Kingdom of Sweden",
                                "Konungariket Sverige", "\U0001f1f8\U0001f1ea"]
 
 
-def test_clutrr_prompt_keeps_the_double_spaces(data_dir):
-    ex = {e.id: e for e in load_examples("clutrr", "train", data_dir=data_dir, train_size=0)}[
+def test_clutrr_prompt_keeps_the_double_spaces():
+    ex = {e.id: e for e in load_examples("clutrr", "train", train_size=0)}[
         "00eabf71-62a0-446b-9c7d-df3896af0eb2"]
     assert ex.prompt == (
         'Read the following story about a family. "Herman asked his son, James, to go grocery shopping for him. '
@@ -125,25 +129,25 @@ def test_clutrr_prompt_keeps_the_double_spaces(data_dir):
     assert ex.eval_prompt == ex.prompt and ex.references == ["daughter-in-law"]
 
 
-def test_clutrr_subset_is_drawn_as_the_original_draws_it(data_dir):
-    with open(data_dir / "clutrr" / "train.json", encoding="utf-8") as f:
+def test_clutrr_subset_is_drawn_as_the_original_draws_it():
+    with open(SPLITS_DIR / "clutrr" / "train.json", encoding="utf-8") as f:
         records = json.load(f)
     random.seed(42)
     expected = [r["id"] for r in random.sample(records, 300)]
-    assert [ex.id for ex in load_examples("clutrr", "train", data_dir=data_dir)] == expected
+    assert [ex.id for ex in load_examples("clutrr", "train")] == expected
     random.seed(12450)  # LoFiT's CLUTRR stage-2 script reseeds with 12450
     expected = [r["id"] for r in random.sample(records, 300)]
-    assert [ex.id for ex in load_examples("clutrr", "train", data_dir=data_dir, seed=12450)] == expected
+    assert [ex.id for ex in load_examples("clutrr", "train", seed=12450)] == expected
 
 
-def test_train_size_draws_like_random_sample(data_dir):
-    with open(data_dir / "mquake" / "train.jsonl", encoding="utf-8") as f:
+def test_train_size_draws_like_random_sample():
+    with open(SPLITS_DIR / "mquake" / "train.jsonl", encoding="utf-8") as f:
         ids = [str(json.loads(line)["case_id"]) for line in f]
     random.seed(7)
     expected = random.sample(ids, 40)
-    got = [ex.id for ex in load_examples("mquake", "train", data_dir=data_dir, train_size=40, seed=7)]
+    got = [ex.id for ex in load_examples("mquake", "train", train_size=40, seed=7)]
     assert got == expected
-    assert got != [ex.id for ex in load_examples("mquake", "train", data_dir=data_dir, train_size=40, seed=8)]
+    assert got != [ex.id for ex in load_examples("mquake", "train", train_size=40, seed=8)]
 
 
 def test_siqa_formatting_reproduces_llm_adapters_test_file(data_dir):
@@ -186,18 +190,18 @@ def test_commonsense_val_is_fixed_and_disjoint_from_train(data_dir, task):
     assert not set(val) & (set(train_a) | set(train_b))
 
 
-def test_every_task_loads_with_consistent_fields(data_dir):
-    for task in TASKS:
-        for split in SPLITS:
-            for ex in load_examples(task, split, data_dir=data_dir)[:50]:
-                assert ex.prompt and ex.answer
-                if TASK_INFO[task].loss == "dpo":
-                    assert ex.rejected and ex.true_answers and ex.false_answers
-                else:
-                    assert ex.references and ex.eval_prompt == ex.prompt
-                pattern = TASK_INFO[task].answer_pattern
-                if pattern:  # the training target itself scores as correct
-                    assert re.findall(pattern, ex.answer)[0] == ex.references[0]
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_loads_with_consistent_fields(task):
+    for split in SPLITS:
+        for ex in load_examples(task, split, data_dir=data_dir_for(task))[:50]:
+            assert ex.prompt and ex.answer
+            if TASK_INFO[task].loss == "dpo":
+                assert ex.rejected and ex.true_answers and ex.false_answers
+            else:
+                assert ex.references and ex.eval_prompt == ex.prompt
+            pattern = TASK_INFO[task].answer_pattern
+            if pattern:  # the training target itself scores as correct
+                assert re.findall(pattern, ex.answer)[0] == ex.references[0]
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -208,9 +212,9 @@ def test_every_task_loads_with_consistent_fields(data_dir):
     ({"task": "mquake", "split": "test", "train_size": 10}, "train split only"),
     ({"task": "mquake", "split": "train", "train_size": 135}, "impossible"),
 ])
-def test_bad_requests_raise_data_error(data_dir, kwargs, message):
+def test_bad_requests_raise_data_error(kwargs, message):
     with pytest.raises(DataError, match=message):
-        load_examples(data_dir=data_dir, **kwargs)
+        load_examples(**kwargs)
 
 
 def test_missing_file_in_data_dir_names_it(tmp_path):
@@ -218,27 +222,27 @@ def test_missing_file_in_data_dir_names_it(tmp_path):
         load_examples("mquake", "train", data_dir=tmp_path)
 
 
-def test_truncated_local_copy_fails_its_sha256(data_dir, tmp_path):
-    source = (data_dir / "clutrr" / "val.json").read_bytes()
+def test_truncated_local_copy_fails_its_sha256(tmp_path):
+    source = (SPLITS_DIR / "clutrr" / "val.json").read_bytes()
     (tmp_path / "clutrr").mkdir()
     (tmp_path / "clutrr" / "val.json").write_bytes(source[: len(source) // 2])
     with pytest.raises(DataError, match="sha256"):
         load_examples("clutrr", "val", data_dir=tmp_path)
 
 
-def test_readers_reject_truncated_files(data_dir, tmp_path):
+def test_readers_reject_truncated_files(tmp_path):
     cases = [("clutrr/val.json", read_json_list), ("mquake/val.jsonl", read_jsonl),
              ("truthfulqa/fold_0_val_seed_42.csv", read_csv)]
     for relpath, reader in cases:
-        text = (data_dir / relpath).read_text(encoding="utf-8")
+        text = (SPLITS_DIR / relpath).read_text(encoding="utf-8")
         bad = tmp_path / relpath.replace("/", "_")
         bad.write_text(text[: len(text) // 2 + 1], encoding="utf-8")
         with pytest.raises(DataError, match=bad.name):
             reader(bad)
 
 
-def test_file_cut_at_a_record_boundary_is_not_a_silent_partial_dataset(data_dir, tmp_path, monkeypatch):
-    lines = (data_dir / "mquake" / "val.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+def test_file_cut_at_a_record_boundary_is_not_a_silent_partial_dataset(tmp_path, monkeypatch):
+    lines = (SPLITS_DIR / "mquake" / "val.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     (tmp_path / "mquake").mkdir()
     cut = tmp_path / "mquake" / "val.jsonl"
     cut.write_text("".join(lines[:60]), encoding="utf-8")
@@ -249,18 +253,24 @@ def test_file_cut_at_a_record_boundary_is_not_a_silent_partial_dataset(data_dir,
         load_records("mquake/val.jsonl", tmp_path)
 
 
-def test_cli_dump_writes_the_examples(data_dir, tmp_path):
+def test_cli_dump_writes_the_examples(tmp_path):
     out = tmp_path / "clutrr.jsonl"
-    assert cli_main(["--task", "clutrr", "--split", "train", "--data-dir", str(data_dir), "--dump", str(out)]) == 0
+    assert cli_main(["--task", "clutrr", "--split", "train", "--data-dir", str(), "--dump", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    examples = load_examples("clutrr", "train", data_dir=data_dir)
+    examples = load_examples("clutrr", "train")
     assert len(rows) == 300
     assert [(r["id"], r["prompt"], r["answer"]) for r in rows] == [(e.id, e.prompt, e.answer) for e in examples]
     out = tmp_path / "tqa.jsonl"
-    assert cli_main(["--task", "truthfulqa", "--split", "train", "--fold", "1", "--data-dir", str(data_dir),
+    assert cli_main(["--task", "truthfulqa", "--split", "train", "--fold", "1", "--data-dir", str(),
                      "--train-size", "5", "--dump", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 5 and all(r["rejected"] for r in rows)
+
+
+def test_cli_dump_reads_a_data_dir(tmp_path):
+    out = tmp_path / "mquake.jsonl"
+    assert cli_main(["--task", "mquake", "--split", "val", "--data-dir", str(SPLITS_DIR), "--dump", str(out)]) == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 95
 
 
 def test_cli_error_exits_nonzero_and_writes_nothing(tmp_path, capsys):
