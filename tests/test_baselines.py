@@ -13,7 +13,7 @@ import eval as eval_cli
 import iti
 import train
 from adapter import load_adapter
-from conftest import shared_path
+from conftest import STORIES260K
 from data import load_examples
 from heads import random_ranking
 from lofit import select_heads
@@ -26,8 +26,7 @@ TINY_TRAIN = ["--epochs", "1", "--train-size", "8", "--batch-size", "4", "--limi
 
 
 def common(task, out):
-    return ["--task", task, "--model", str(shared_path("weights", "stories260K_hf")),
-            "--data-dir", str(shared_path("datasets")), "--out", str(out)]
+    return ["--task", task, "--model", str(STORIES260K), "--out", str(out)]
 
 
 def train_run(task, out, *extra):
@@ -52,14 +51,12 @@ def iti_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stories():
-    weights = shared_path("weights", "stories260K_hf")
+    weights = STORIES260K
     return str(weights), load_tokenizer(str(weights))
 
 
 def tiny_examples():
-    datasets = shared_path("datasets")
-    return (load_examples("truthfulqa", "train", data_dir=datasets, train_size=8, seed=42),
-            load_examples("truthfulqa", "val", data_dir=datasets))
+    return (load_examples("truthfulqa", "train", train_size=8, seed=42), load_examples("truthfulqa", "val"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +97,7 @@ def test_iti_alpha_zero_scores_like_the_base_model(tmp_path, stories):
     assert iti.main([*common("truthfulqa", out), "--k", "3", "--alpha", "0", "--train-size", "4",
                      "--limit-eval", "2"]) == 0
     weights, tokenizer = stories
-    test = load_examples("truthfulqa", "test", data_dir=shared_path("datasets"))[:2]
+    test = load_examples("truthfulqa", "test")[:2]
     base = eval_cli.evaluate(Llama.from_pretrained(weights), tokenizer, "truthfulqa", test, progress=False)
     assert json.loads((out / "metrics.json").read_text())["test"] == base["summary"]
 
@@ -165,7 +162,7 @@ def test_lofit_heads_are_the_default(tmp_path):
     scores = [r["score"] for r in heads["ranking"]]
     assert scores == sorted(scores, reverse=True)
     assert heads_with_v(tmp_path) == {tuple(h) for h in heads["selected"]}
-    model = Llama.from_pretrained(str(shared_path("weights", "stories260K_hf")))
+    model = Llama.from_pretrained(str(STORIES260K))
     assert load_adapter(tmp_path / "adapter.safetensors", model)["hparams"]["head_selection"] == "lofit"
     assert train.parse_args(common("truthfulqa", tmp_path)).head_selection == "lofit"
 

@@ -9,18 +9,18 @@ import pytest
 import sentencepiece
 import torch
 
-from conftest import shared_path
+from conftest import STORIES260K, shared_path
 from data import collate, load_examples, tokenize_ce, tokenize_dpo
 from tokenizer import load_tokenizer
 
-TOKENIZERS = {"llama2": ("weights", "llama2_tokenizer"), "stories260K": ("weights", "stories260K_hf")}
+TOKENIZERS = {"llama2": lambda: shared_path("weights", "llama2_tokenizer"), "stories260K": lambda: STORIES260K}
 TEMPLATES = {"mquake": " A:", "clutrr": " 's\n"}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
 def tokenizers(request):
     """(our tokenizer, the Hugging Face tokenizer of the same file) for one tokenizer model."""
-    directory = shared_path(*TOKENIZERS[request.param])
+    directory = TOKENIZERS[request.param]()
     from transformers import AutoTokenizer
     return load_tokenizer(str(directory)), AutoTokenizer.from_pretrained(str(directory))
 
@@ -46,9 +46,7 @@ def original_ce(hf, prompt, answer, template, max_len=400):
 @pytest.mark.parametrize("task", ["mquake", "clutrr"])
 def test_ce_masks_equal_the_original_pipeline_on_every_training_record(tokenizers, task):
     ours, hf = tokenizers
-    data_dir = shared_path("datasets")
-    examples = (load_examples(task, "train", data_dir=data_dir, train_size=0)
-                + load_examples(task, "val", data_dir=data_dir))
+    examples = load_examples(task, "train", train_size=0) + load_examples(task, "val")
     for ex in examples:
         expected = original_ce(hf, ex.prompt, ex.answer, TEMPLATES[task])
         assert tokenize_ce(ours, ex.prompt, ex.answer) == expected, ex.id
@@ -116,7 +114,7 @@ def test_dpo_truncation_follows_trl_keep_end(llama2):
 
 def test_dpo_on_truthfulqa_uses_best_and_first_incorrect(tokenizers):
     ours, hf = tokenizers
-    for ex in load_examples("truthfulqa", "train", data_dir=shared_path("datasets"))[:40]:
+    for ex in load_examples("truthfulqa", "train")[:40]:
         out = tokenize_dpo(ours, ex.prompt, ex.answer, ex.rejected)
         for side, answer in (("chosen", ex.answer), ("rejected", ex.rejected)):
             ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]

@@ -11,7 +11,7 @@ import torch
 
 import eval as evaluation
 from adapter import export_merged, save_adapter
-from conftest import shared_path
+from conftest import SPLITS_DIR, STORIES260K
 from model import Llama
 
 HEADS = [(0, 1), (1, 5), (2, 0), (3, 3), (4, 7)]
@@ -20,8 +20,8 @@ HEADS = [(0, 1), (1, 5), (2, 0), (3, 3), (4, 7)]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(base model dir, adapter file, merged checkpoint dir, data dir)."""
-    stories = shared_path("weights", "stories260K_hf")
-    data = shared_path("datasets")
+    stories = STORIES260K
+    data = SPLITS_DIR
     out = tmp_path_factory.mktemp("adapter")
     model = Llama.from_pretrained(str(stories))
     g = torch.Generator().manual_seed(0)

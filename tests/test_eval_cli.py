@@ -4,12 +4,12 @@ import json
 import pytest
 
 import eval as evaluation
-from conftest import shared_path
+from conftest import SPLITS_DIR, STORIES260K
 
 
 @pytest.fixture(scope="module")
 def paths():
-    return {"model": str(shared_path("weights", "stories260K_hf")), "data": str(shared_path("datasets"))}
+    return {"model": str(STORIES260K), "data": str(SPLITS_DIR)}
 
 
 def run_cli(paths, *extra):

@@ -1,4 +1,4 @@
-"""eval.py on the real stories260K model and real task rows from ../shared.
+"""eval.py on the real stories260K model (tests/assets) and real task rows (data/splits; BoolQ from ../shared).
 
 The independent reference is transformers' LlamaForCausalLM with SentencePiece used directly,
 scoring each candidate the way ITI's / LoFiT's tqa_run_probs does: one unbatched forward pass over
@@ -7,7 +7,7 @@ the full prompt, log-probs of the tokens from len(tokens(context)) + 3 on (the 3
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import STORIES260K, data_dir_for, shared_path
 from data import load_examples
 from data.truthfulqa import INSTRUCTION, QA_PRIMER
 from eval import answer_scores, evaluate, mc_sequences, shared_prefix_length
@@ -20,7 +20,7 @@ N_QUESTIONS = 10
 
 @pytest.fixture(scope="module")
 def stories():
-    directory = shared_path("weights", "stories260K_hf")
+    directory = STORIES260K
     return Llama.from_pretrained(str(directory)), load_tokenizer(str(directory)), directory
 
 
@@ -38,7 +38,7 @@ def sp(stories):
 
 @pytest.fixture(scope="module")
 def questions():
-    return load_examples("truthfulqa", "test", fold=0, data_dir=shared_path("datasets"))[:N_QUESTIONS]
+    return load_examples("truthfulqa", "test", fold=0)[:N_QUESTIONS]
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,12 @@ def test_candidate_text_is_the_paper_prompt(stories, questions):
     assert "Barcelona, Spain.\n\nQ: " + ex.question + "\nA: " in text
 
 
-@pytest.mark.parametrize("tokenizer_dir", ["stories260K_hf", "llama2_tokenizer"])
+@pytest.mark.parametrize("tokenizer_dir", ["stories260K", "llama2_tokenizer"])
 def test_answer_span_matches_the_original_rule(tokenizer_dir, questions):
     """Our answer start (tokens of context + "\\nA:") equals the original's len(tokens(context)) + 3,
     and the full text's tokens begin with exactly those tokens, for every candidate."""
     import sentencepiece
-    directory = shared_path("weights", tokenizer_dir)
+    directory = STORIES260K if tokenizer_dir == "stories260K" else shared_path("weights", tokenizer_dir)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     tok = load_tokenizer(str(directory))
     for ex in questions:
@@ -173,7 +173,7 @@ def hf_greedy(hf_model, sp, prompt: str, max_new_tokens: int):
 @pytest.mark.parametrize("task", ["mquake", "clutrr", "boolq"])
 def test_generation_matches_transformers(task, stories, hf_model, sp):
     model, tok, _ = stories
-    examples = load_examples(task, "test", data_dir=shared_path("datasets"))[:5]
+    examples = load_examples(task, "test", data_dir=data_dir_for(task))[:5]
     result = evaluate(model, tok, task, examples, batch_size=3, progress=False)  # mixed lengths: padding
     for ex, row in zip(examples, result["details"]):
         decoded, generation = hf_greedy(hf_model, sp, ex.eval_prompt, 32 if task == "boolq" else 16)

@@ -51,8 +51,8 @@ def tiny_gemma(tmp_path_factory):
     """A random Gemma-7B-shaped checkpoint with vocab 512 and the stories260K SentencePiece tokenizer."""
     import shutil
 
-    from conftest import shared_path
-    tokenizer = shared_path("weights", "stories260K_hf", "tokenizer.model")
+    from conftest import STORIES260K
+    tokenizer = STORIES260K / "tokenizer.model"
     path, _ = make_gemma_checkpoint(tmp_path_factory.mktemp("gemma"), "gemma-7b", vocab_size=512)
     shutil.copy(tokenizer, path / "tokenizer.model")
     return path
@@ -64,8 +64,8 @@ def test_gemma_train_and_eval_end_to_end(tiny_gemma, tmp_path):
     import eval as evaluation
     import train
     from adapter import export_merged, load_adapter
-    from conftest import shared_path
-    data = str(shared_path("datasets"))
+    from conftest import SPLITS_DIR
+    data = str(SPLITS_DIR)
     out = tmp_path / "run"
     assert train.main(["--task", "mquake", "--model", str(tiny_gemma), "--data-dir", data, "--out", str(out),
                        "--epochs", "1", "--train-size", "8", "--batch-size", "4", "--limit-eval", "4",

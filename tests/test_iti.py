@@ -11,7 +11,7 @@ import torch
 import adapter
 import iti
 import lofit
-from conftest import shared_path
+from conftest import STORIES260K
 from data import Example
 from model import Llama, LlamaConfig
 
@@ -213,7 +213,7 @@ def test_activations_equal_transformers_o_proj_inputs_at_the_last_token():
     """stories260K in transformers, one unpadded text at a time, a pre-hook reading o_proj's input."""
     from hf_reference import load_hf
     from tokenizer import load_tokenizer
-    weights = shared_path("weights", "stories260K_hf")
+    weights = STORIES260K
     model, tokenizer, hf = Llama.from_pretrained(str(weights)), load_tokenizer(str(weights)), load_hf(weights)
     texts = ["Q: Who is Tom? A: A cat.", "Q: Where? A: Home.", "Q: Why did the dog run so fast? A: It was late."]
     lofit.attentions(model)[0].lofit_v.data.fill_(3.0)  # ignored: activations come from the base model

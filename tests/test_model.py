@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import STORIES260K
 from hf_reference import FAMILIES, load_hf, make_checkpoint
 from model import CheckpointError, Llama, LlamaConfig
 
@@ -131,7 +131,7 @@ def test_sampling_is_seeded_and_respects_top_p(tmp_path):
 # ---- real weights: stories260K --------------------------------------------------------------
 
 def test_stories260k_logits_and_greedy_200_tokens_match_transformers():
-    path = shared_path("weights", "stories260K_hf")
+    path = STORIES260K
     ours = Llama.from_pretrained(path)
     hf = load_hf(path)
     bos = torch.tensor([[1]])
@@ -144,7 +144,7 @@ def test_stories260k_logits_and_greedy_200_tokens_match_transformers():
 
 
 def test_stories260k_golden_text():
-    path = shared_path("weights", "stories260K_hf")
+    path = STORIES260K
     from tokenizer import load_tokenizer
     model, tok = Llama.from_pretrained(path), load_tokenizer(path)
     text = tok.decode(model.generate(torch.tensor([[tok.bos_id]]), max_new_tokens=200)[0].tolist())

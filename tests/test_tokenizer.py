@@ -29,7 +29,7 @@ import sentencepiece
 import torch
 
 import hub
-from conftest import shared_path
+from conftest import SPLITS_DIR, STORIES260K, shared_path
 from tokenizer import HFTokenizersTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer
 
 VARIED_TEXTS = [
@@ -53,21 +53,21 @@ SPECIAL_LOOKING = "a literal <s> and </s> in text"
 
 
 def truthfulqa_questions():
-    path = shared_path("datasets", "truthfulqa", "fold_0_test_seed_42.csv")
+    path = SPLITS_DIR / "truthfulqa" / "fold_0_test_seed_42.csv"
     with open(path, newline="", encoding="utf-8") as f:
         return [row["Question"] for row in csv.DictReader(f)]
 
 
 SP_MODELS = {
-    "llama2": ("weights", "llama2_tokenizer", "tokenizer.model"),
-    "stories260K": ("weights", "stories260K_hf", "tokenizer.model"),
+    "llama2": lambda: shared_path("weights", "llama2_tokenizer", "tokenizer.model"),
+    "stories260K": lambda: STORIES260K / "tokenizer.model",
 }
 
 
 @pytest.fixture(params=sorted(SP_MODELS))
 def sp_model(request):
     """(our tokenizer, SentencePiece processor, path of tokenizer.model) for each shared model."""
-    model_file = shared_path(*SP_MODELS[request.param])
+    model_file = SP_MODELS[request.param]()
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
     return load_tokenizer(str(model_file.parent)), sp, model_file
 
@@ -229,7 +229,7 @@ def test_unreadable_tokenizer_model_falls_back_to_tokenizer_json(tmp_path):
 
 
 def test_sentencepiece_preferred_when_both_files_exist(tmp_path):
-    model_file = shared_path("weights", "stories260K_hf", "tokenizer.model")
+    model_file = STORIES260K / "tokenizer.model"
     build_tokenizer_json(tmp_path, "bytelevel", **CASES["post_processor_bos"])
     shutil.copy(model_file, tmp_path / "tokenizer.model")
     assert isinstance(load_tokenizer(str(tmp_path)), SentencePieceTokenizer)
@@ -275,7 +275,7 @@ def test_backend_choice_reproduces_the_fast_tokenizer_the_original_used(tmp_path
 
 
 def test_asking_for_a_missing_backend_file(tmp_path):
-    shutil.copy(shared_path("weights", "stories260K_hf", "tokenizer.model"), tmp_path / "tokenizer.model")
+    shutil.copy(STORIES260K / "tokenizer.model", tmp_path / "tokenizer.model")
     with pytest.raises(TokenizerError, match="has no tokenizer.json, which the tokenizer.json tokenizer reads"):
         load_tokenizer(str(tmp_path), backend="tokenizer.json")
     with pytest.raises(TokenizerError, match="unknown tokenizer backend"):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from adapter import load_adapter
-from conftest import ROOT, shared_path
+from conftest import ROOT, STORIES260K, data_dir_args
 from data import collate, load_examples, tokenize_ce
 from eval import evaluate
 from heads import plot_heads
@@ -29,8 +29,7 @@ TINY = ["--epochs", "2", "--train-size", "16", "--batch-size", "5", "--micro-bat
 
 
 def tiny_args(task, out, *extra):
-    return ["--task", task, "--model", str(shared_path("weights", "stories260K_hf")),
-            "--data-dir", str(shared_path("datasets")), "--out", str(out), *TINY, *extra]
+    return ["--task", task, "--model", str(STORIES260K), *data_dir_args(task), "--out", str(out), *TINY, *extra]
 
 
 def subprocess_env():
@@ -102,9 +101,9 @@ def test_full_run_writes_every_output(mquake_run):
 
 def test_adapter_loads_back_lowers_the_loss_and_reproduces_the_metrics(mquake_run):
     out, _ = mquake_run
-    weights = shared_path("weights", "stories260K_hf")
+    weights = STORIES260K
     model, tokenizer = Llama.from_pretrained(str(weights)), load_tokenizer(str(weights))
-    examples = load_examples("mquake", "train", data_dir=shared_path("datasets"), train_size=16, seed=42)
+    examples = load_examples("mquake", "train", train_size=16, seed=42)
     base_loss = training_ce(model, tokenizer, examples)
     load_adapter(out / "adapter.safetensors", model)
     selected = {tuple(h) for h in json.loads((out / "heads.json").read_text())["selected"]}
@@ -114,7 +113,7 @@ def test_adapter_loads_back_lowers_the_loss_and_reproduces_the_metrics(mquake_ru
             assert bool(block.self_attn.lofit_v[head].any()) == ((layer, head) in selected)
     tuned_loss = training_ce(model, tokenizer, examples)
     assert tuned_loss < base_loss - 0.05, (base_loss, tuned_loss)
-    test = load_examples("mquake", "test", data_dir=shared_path("datasets"))[:4]
+    test = load_examples("mquake", "test")[:4]
     again = evaluate(model, tokenizer, "mquake", test, progress=False)
     assert again["summary"] == json.loads((out / "metrics.json").read_text())["test"]
 
@@ -273,9 +272,9 @@ def test_batches_cover_each_example_once_whatever_the_world_size(world):
 def test_summed_micro_batch_gradients_equal_the_full_batch_gradient(task):
     """Any split into ranks and micro-batches sums to the gradient of the global batch's mean loss."""
     import lofit
-    weights = shared_path("weights", "stories260K_hf")
+    weights = STORIES260K
     model, tokenizer = Llama.from_pretrained(str(weights)), load_tokenizer(str(weights))
-    examples = load_examples(task, "train", data_dir=shared_path("datasets"), train_size=6, seed=1)
+    examples = load_examples(task, "train", train_size=6, seed=1)
     data = train.tokenize_training_set(task, examples, tokenizer)
     if data.loss == "dpo":
         data.reference = train.reference_logprobs(model, data, 4, train.Dist())
@@ -329,8 +328,7 @@ def test_truthfulqa_adapter_records_its_fold_and_eval_refuses_the_leaking_fold(t
     out = tmp_path / "tqa1"
     assert train.main(tiny_args("truthfulqa", out, "--fold", "1", "--epochs", "1", "--train-size", "4",
                                 "--limit-eval", "2")) == 0
-    common = ["--task", "truthfulqa", "--model", str(shared_path("weights", "stories260K_hf")),
-              "--data-dir", str(shared_path("datasets")), "--adapter", str(out / "adapter.safetensors"),
+    common = ["--task", "truthfulqa", "--model", str(STORIES260K), "--adapter", str(out / "adapter.safetensors"),
               "--limit", "2", "--quiet"]
     assert evaluation.main(common + ["--fold", "0", "--out", str(tmp_path / "leak.json")]) == 2
     assert not (tmp_path / "leak.json").exists()

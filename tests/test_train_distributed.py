@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT, shared_path
+from conftest import ROOT, STORIES260K, data_dir_args
 
 PROBE = str(ROOT / "tests" / "distributed_probe.py")
 FLAGS = ["--epochs", "2", "--train-size", "16", "--batch-size", "5", "--micro-batch-size", "2",
@@ -26,8 +26,7 @@ FLAGS = ["--epochs", "2", "--train-size", "16", "--batch-size", "5", "--micro-ba
 
 
 def flags(task, out, *extra):
-    return ["--task", task, "--model", str(shared_path("weights", "stories260K_hf")),
-            "--data-dir", str(shared_path("datasets")), "--out", str(out), *FLAGS, *extra]
+    return ["--task", task, "--model", str(STORIES260K), *data_dir_args(task), "--out", str(out), *FLAGS, *extra]
 
 
 def torchrun(argv) -> subprocess.CompletedProcess:
