@@ -116,11 +116,13 @@ def add_common_flags(parser, *, model_default: str | None = "meta-llama/Llama-2-
     parser.add_argument("--model", default=model_default, required=model_default is None,
                         help="local checkpoint directory, hub id (a merged export too) or .gguf file"
                              + (f"; default {model_default}" if model_default else ""))
-    parser.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: download cache)")
+    parser.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: $LOFIT_DATA_DIR, "
+                                           "else data/splits/ for LoFiT's tasks, the download cache for SIQA/ARC/BoolQ)")
     parser.add_argument("--tokenizer", choices=BACKENDS, default="auto",
                         help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
-                             "else tokenizer.json; tokenizer.json: the fast tokenizer the original LoFiT "
-                             "pipeline used (Llama-2 splits runs of spaces differently there)")
+                             "else tokenizer.json; tokenizer.json: read tokenizer.json with the tokenizers "
+                             "library, as the fast tokenizer the original LoFiT pipeline used (for Llama-2, "
+                             "the same ids as SentencePiece on every TruthfulQA, MQuAKE and CLUTRR record)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="weights' dtype; auto: float32, as the paper (bfloat16 halves the base's memory; "
                              "LoFiT's parameters and edit stay float32)")

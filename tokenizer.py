@@ -8,8 +8,9 @@ Two backends, picked by the files in the checkpoint directory:
   ``tokenizer.model`` in tiktoken format, which SentencePiece cannot read; we then fall back here.
 
 ``backend="tokenizer.json"`` picks the second even where SentencePiece could read the first: for
-Llama-2 that is transformers' fast tokenizer, which the original LoFiT pipeline used and which
-splits runs of spaces differently ("is  Roy": ▁is ▁▁ Ro y, where SentencePiece gives ▁is ▁ ▁Roy).
+Llama-2 that is transformers' fast tokenizer, which the original LoFiT pipeline used; built by
+transformers' converter from Meta's tokenizer.model, it gives SentencePiece's ids on every
+TruthfulQA, MQuAKE and CLUTRR record, runs of spaces included (tests/test_tokenizer.py).
 
 BOS and EOS are added only through the ``bos=``/``eos=`` flags. A literal "<s>" in the text stays text
 with SentencePiece (as in Meta's tokenizer); ``tokenizers`` matches its file's added tokens, as HF does.

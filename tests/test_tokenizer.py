@@ -236,17 +236,28 @@ def test_sentencepiece_preferred_when_both_files_exist(tmp_path):
 
 
 def llama2_fast_tokenizer_dir(directory):
-    """tokenizer.model and the tokenizer.json transformers' converter makes of it (the hub's layout)."""
+    """tokenizer.model and the tokenizer.json that transformers' LlamaConverter makes of it (the hub's layout).
+
+    Built as convert_slow_tokenizer.LlamaConverter builds it (transformers 4.x; its 5.x copy no longer
+    runs): BPE merges from generate_merges(vocab, vocab_scores), i.e. ordered by the SentencePiece
+    score of the merged piece, highest first. The order matters: "▁▁" (id 259) has score -1e9, so it
+    merges last and a run of spaces splits as SentencePiece splits it. (Ordering merges by id instead,
+    as generate_merges(vocab) without scores does, merges "▁▁" early and gives "is  Roy" -> ▁is ▁▁ Ro y.)
+    Checked against the file transformers 4.46.3's converter writes: same merges, same ids.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
-    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+    try:
+        from transformers.tokenization_utils_base import generate_merges  # transformers 5
+    except ImportError:
+        from transformers.convert_slow_tokenizer import generate_merges  # transformers 4.x
     model_file = shared_path("weights", "llama2_tokenizer", "tokenizer.model")
-    extractor = SentencePieceExtractor(str(model_file))
-    try:  # transformers 5: a dict; 4.x: (vocab, merges)
-        pieces = extractor.extract(models.BPE)
-        vocab, merges = pieces["vocab"], pieces["merges"]
-    except TypeError:
-        vocab, merges = extractor.extract()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    # LlamaConverter.vocab: <unk>, <s>, </s> with score 0, then every piece with its own score.
+    vocab_scores = [(sp.id_to_piece(i), 0.0 if i < 3 else sp.get_score(i)) for i in range(sp.get_piece_size())]
+    vocab = {piece: i for i, (piece, _) in enumerate(vocab_scores)}
+    merges = generate_merges(vocab, vocab_scores)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    # LlamaConverter with legacy=True, add_prefix_space=True: no pre-tokenizer, this normalizer and decoder.
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
@@ -259,19 +270,54 @@ def llama2_fast_tokenizer_dir(directory):
     return directory
 
 
-def test_backend_choice_reproduces_the_fast_tokenizer_the_original_used(tmp_path):
-    directory = str(llama2_fast_tokenizer_dir(tmp_path))
-    reference = load_tokenizer(directory)  # auto: SentencePiece, Meta's reference
-    fast = load_tokenizer(directory, backend="tokenizer.json")
+@pytest.fixture(scope="module")
+def llama2_both(tmp_path_factory):
+    """(SentencePiece, tokenizer.json) tokenizers of Meta's Llama-2 tokenizer.model and its converted file."""
+    directory = str(llama2_fast_tokenizer_dir(tmp_path_factory.mktemp("llama2_fast")))
+    return load_tokenizer(directory), load_tokenizer(directory, backend="tokenizer.json")
+
+
+def test_backend_choice_and_the_converted_llama2_tokenizer(llama2_both, tmp_path):
+    reference, fast = llama2_both
     assert isinstance(reference, SentencePieceTokenizer) and isinstance(fast, HFTokenizersTokenizer)
+    directory = str(llama2_fast_tokenizer_dir(tmp_path))
     assert isinstance(load_tokenizer(directory, backend="sentencepiece"), SentencePieceTokenizer)
-    # A run of two spaces (every CLUTRR prompt has one): ▁is ▁ ▁Roy here, ▁is ▁▁ Ro y in the fast tokenizer.
-    assert reference.encode("is  Roy") == [1, 338, 29871, 15793]
-    assert fast.encode("is  Roy") == [1, 338, 259, 9588, 29891]
     assert (fast.bos_id, fast.eos_id) == (1, 2)
-    for text in ["Hello this is a test", "Q: What is 2+2? A: 4.", "Read the story.\nAnswer:"]:
-        assert fast.encode(text, eos=True) == reference.encode(text, eos=True), text  # single spaces agree
-        assert fast.decode(fast.encode(text)) == text
+    # transformers' own Llama tokenizer test (test_tokenization_llama.py) asserts this for its fast tokenizer.
+    assert fast.encode("Hi  Hello") == reference.encode("Hi  Hello") == [1, 6324, 29871, 15043]
+    # A run of two spaces (every CLUTRR prompt has one): ▁is ▁ ▁Roy with both.
+    assert fast.encode("is  Roy") == reference.encode("is  Roy") == [1, 338, 29871, 15793]
+    for text in VARIED_TEXTS + ["Q: What is 2+2? A: 4.", "Read the story.\nAnswer:"]:
+        assert fast.encode(text, eos=True) == reference.encode(text, eos=True), text
+    # Where they differ: text that spells a special token (tokenizers matches it, SentencePiece does not).
+    assert fast.encode("a <s> b", bos=False) != reference.encode("a <s> b", bos=False)
+
+
+def task_texts(task):
+    """Every text of `task` that is tokenized in training or evaluation (both folds for TruthfulQA)."""
+    from data import load_examples
+    texts = set()
+    for fold in (0, 1) if task == "truthfulqa" else (0,):
+        for split in ("train", "val", "test"):
+            for ex in load_examples(task, split, fold=fold, **({"train_size": 0} if split == "train" else {})):
+                texts |= {ex.prompt, ex.prompt + ex.answer, ex.eval_prompt, *ex.references}
+                if ex.rejected is not None:
+                    texts.add(ex.prompt + ex.rejected)
+                texts |= {ex.eval_prompt + "\nA: " + c for c in [ex.best_answer, *ex.true_answers, *ex.false_answers]}
+    return sorted(texts)
+
+
+@pytest.mark.parametrize("task", ["truthfulqa", "mquake", "clutrr"])
+def test_converted_llama2_tokenizer_json_gives_the_sentencepiece_ids_on_every_record(llama2_both, task):
+    """The original pipeline's fast tokenizer and SentencePiece agree on all of LoFiT's data, double spaces included."""
+    reference, fast = llama2_both
+    texts = task_texts(task)
+    assert len(texts) > 3000
+    if task == "clutrr":
+        assert sum("  " in t for t in texts) > 3000  # the task's double spaces are all covered
+    expected = reference.encode_batch(texts, eos=True)
+    got = fast.encode_batch(texts, eos=True)
+    assert [t for t, a, b in zip(texts, expected, got) if a != b] == []
 
 
 def test_asking_for_a_missing_backend_file(tmp_path):
