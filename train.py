@@ -557,7 +557,7 @@ def run_pipeline(s: Settings, d: Dist, flags: dict) -> int:
     if data.loss == "ce" and (empty := sum(not any(mask[1:]) for _, mask in data.items)):
         log(d, f"warning: {empty} of {len(data.items)} training examples have a prompt of at least "
                f"{TASK_INFO[s.task].max_len} tokens, so no answer token is left after the cut; they add no "
-               f"loss (as in the original)")
+               f"loss (the original did so for CLUTRR; see data/tokenize.py)")
     log(d, "LoFiT " + json.dumps({**flags, **asdict(s.hp), "world_size": d.world}, indent=1))
     log(d, f"frozen base: {s.sharding[0]} ({s.sharding[1]})")
     barrier(d)  # every rank has checked --out before rank 0 touches it

@@ -19,6 +19,8 @@ tokenizer: "Q: ... A:" + '"Puff ..."' ends the prompt in ':' alone but in ':"' t
   (" A:" -> [":"] for MQuAKE, " 's\\n" -> ["s", "\\n"] for CLUTRR, with Llama-2). On every record of
   both datasets, for the Llama-2 and stories260K tokenizers, that masks exactly the tokens before
   `answer_start` (tests/test_data_tokenize.py checks it), so one general rule serves every task.
+  Only a prompt longer than the cut is treated differently from the original's MQuAKE collator
+  (see tokenize_ce).
 """
 from __future__ import annotations
 
@@ -46,8 +48,16 @@ def tokenize_ce(tokenizer, prompt: str, answer: str, max_len: int = 400) -> tupl
         max_len: Sequences are cut to their first max_len tokens, as the original's SFT tokenization
             (truncation=True, max_length=400) did; the EOS is lost if the cut reaches it. A prompt
             of max_len tokens or more leaves no answer token: the mask is then all False and the
-            example teaches nothing, as in the original (its collator found no response template
-            and set every label to -100).
+            example teaches nothing, for every task. The original differed by task, because its
+            collator (trl's DataCollatorForCompletionOnlyLM) masks through the LAST occurrence of
+            the template's ids within the kept tokens, and sets every label to -100 only when none
+            is left. CLUTRR (template " 's\n" -> ["s", "\n"] with Llama-2): the prompt's only
+            newline is its last character, so a cut prompt holds no template and the example
+            trains on nothing, as here. MQuAKE (template " A:" -> [":"]): every prompt starts with
+            "Q:", so a cut prompt still holds a ":" and the original trained on the prompt tokens
+            after the last ":" that survived the cut (at least everything after "Q:"). No
+            MQuAKE or CLUTRR record is that long with the Llama-2 tokenizer (at most 70 and 203
+            tokens); with stories260K's 512-piece vocabulary 9 CLUTRR prompts are.
 
     Returns:
         (ids, loss_mask): ids = BOS + tokens(prompt + answer) + EOS; loss_mask True on the answer

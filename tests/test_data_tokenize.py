@@ -52,6 +52,26 @@ def test_ce_masks_equal_the_original_pipeline_on_every_training_record(tokenizer
         assert tokenize_ce(ours, ex.prompt, ex.answer) == expected, ex.id
 
 
+@pytest.mark.parametrize("task", ["mquake", "clutrr"])
+def test_an_overlong_prompt_trains_on_nothing_where_the_original_did_so_for_clutrr_only(tokenizers, task):
+    """A prompt longer than the 400-token cut: no loss here; the original's collator kept none for CLUTRR
+    (no template left) but, for MQuAKE, trained on the prompt tokens after the last ':' that survived."""
+    ours, hf = tokenizers
+    ex = load_examples(task, "val")[0]
+    prompt = ex.prompt.replace("family. ", "family. " + "very " * 400, 1) if task == "clutrr" else \
+        ex.prompt.replace("Q: ", "Q: " + "very " * 400, 1)
+    ids, mask = tokenize_ce(ours, prompt, ex.answer)
+    assert len(ids) == 400 and not any(mask)
+    original_ids, original_mask = original_ce(hf, prompt, ex.answer, TEMPLATES[task])
+    assert original_ids == ids
+    if task == "clutrr":
+        assert original_mask == mask
+    else:  # loss on the padding words after "Q:", which are prompt text
+        first = original_mask.index(True)
+        assert all(original_mask[first:]) and first < 10
+        assert hf.decode(ids[first:first + 3]).strip().startswith("very")
+
+
 def test_ce_hand_computed_example(llama2):
     ours, sp = llama2
     ids, mask = tokenize_ce(ours, "Q: Can pigs fly? A:", "No")
