@@ -5,9 +5,10 @@
     ids, mask = tokenize_ce(tokenizer, examples[0].prompt, examples[0].answer)
 
 Tasks: truthfulqa, mquake, clutrr (paper Table 1; LoFiT's own split files) and siqa, arc_challenge,
-boolq (paper Table 3; this project's protocol, see data/commonsense.py). Files come from a local
-directory (data_dir / $LOFIT_DATA_DIR, laid out like ../shared/datasets) or are downloaded once from
-pinned sources into ~/.cache/lofit (data/download.py); every file is checked by sha256.
+boolq (paper Table 3; this project's protocol, see data/commonsense.py). LoFiT's own splits are in
+the repository (data/splits/, with their licences); SIQA / ARC / BoolQ are downloaded once from
+pinned sources into ~/.cache/lofit; a local directory (data_dir / $LOFIT_DATA_DIR, laid out like
+../shared/datasets) replaces both (data/download.py). Every file is checked by sha256.
 Inspect exactly what the model sees with `python -m data --task T --split S --dump FILE.jsonl`.
 """
 from __future__ import annotations
@@ -30,8 +31,8 @@ def load_examples(task: str, split: str, *, fold: int = 0, data_dir: str | os.Pa
         task: One of TASKS.
         split: "train", "val" or "test".
         fold: TruthfulQA cross-validation fold, 0 or 1; must stay 0 for the other tasks.
-        data_dir: Local directory laid out like ../shared/datasets; None uses $LOFIT_DATA_DIR or
-            else the download cache.
+        data_dir: Local directory laid out like ../shared/datasets; None uses $LOFIT_DATA_DIR, or
+            else the repository's copy (LoFiT's splits) or the download cache (SIQA / ARC / BoolQ).
         train_size: Training split only: how many examples to draw (random.seed(seed);
             random.sample(records, n), as LoFiT does). None uses the task's default
             (TASK_INFO[task].train_size: CLUTRR 300, SIQA/ARC/BoolQ 500, others all); 0 keeps all.

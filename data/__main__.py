@@ -26,8 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--fold", type=int, default=0, help="TruthfulQA fold, 0 or 1 (default 0)")
     parser.add_argument("--data-dir", default=None,
-                        help="local copy laid out like ../shared/datasets (default: $LOFIT_DATA_DIR, "
-                             "else the download cache)")
+                        help="local copy laid out like ../shared/datasets (default: $LOFIT_DATA_DIR, else "
+                             "data/splits/ for LoFiT's tasks and the download cache for SIQA/ARC/BoolQ)")
     parser.add_argument("--train-size", type=int, default=None,
                         help="train split: number of examples to draw (default: the task's own; 0 = all)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --train-size draw (default 42)")
