@@ -224,8 +224,7 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2):
 def test_smollm2_tokenizer_matches_transformers_and_splits_numbers_like_the_model(smollm2):
     _, _, tok, _, their_tok = smollm2
     from data import load_examples
-    questions = [ex.prompt for ex in load_examples("truthfulqa", "test", fold=0,
-                                                    data_dir=shared_path("datasets"))]
+    questions = [ex.prompt for ex in load_examples("truthfulqa", "test", fold=0)]
     for text in TEXTS + questions:
         assert tok.encode(text, bos=False) == their_tok.encode(text, add_special_tokens=False), text
     # Where the two differ: SmolLM2's own tokenizer.json (Digits(individual_digits) before the byte-level
