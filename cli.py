@@ -117,7 +117,8 @@ def add_common_flags(parser, *, model_default: str | None = "meta-llama/Llama-2-
                         help="local checkpoint directory, hub id (a merged export too) or .gguf file"
                              + (f"; default {model_default}" if model_default else ""))
     parser.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: $LOFIT_DATA_DIR, "
-                                           "else data/splits/ for LoFiT's tasks, the download cache for SIQA/ARC/BoolQ)")
+                                           "else data/splits/ for LoFiT's tasks, the download cache for "
+                                           "SIQA/ARC/BoolQ)")
     parser.add_argument("--tokenizer", choices=BACKENDS, default="auto",
                         help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
                              "else tokenizer.json; tokenizer.json: read tokenizer.json with the tokenizers "

@@ -235,7 +235,8 @@ def test_a_modified_repository_copy_is_refused_not_used(server, monkeypatch, tmp
     (copies / "mquake").mkdir(parents=True)
     (copies / "mquake" / "val.jsonl").write_bytes((SPLITS_DIR / "mquake" / "val.jsonl").read_bytes()[:-50])
     use_bundled(monkeypatch, copies)
-    point_at(monkeypatch, "mquake/val.jsonl", server.serve("/val.jsonl", (SPLITS_DIR / "mquake" / "val.jsonl").read_bytes()))
+    good = (SPLITS_DIR / "mquake" / "val.jsonl").read_bytes()
+    point_at(monkeypatch, "mquake/val.jsonl", server.serve("/val.jsonl", good))
     with pytest.raises(DataError, match=r"expected 3cbf9245.*git checkout") as err:
         load_examples("mquake", "val")
     assert str(copies / "mquake" / "val.jsonl") in str(err.value)

@@ -33,8 +33,8 @@ def low_rank_run(tmp_path_factory):
 
 
 def fresh_model():
-    from conftest import shared_path
-    return Llama.from_pretrained(str(shared_path("weights", "stories260K_hf")))
+    from conftest import STORIES260K
+    return Llama.from_pretrained(str(STORIES260K))
 
 
 def test_trained_adapter_holds_the_form_and_its_rank(low_rank_run):
@@ -49,15 +49,15 @@ def test_trained_adapter_holds_the_form_and_its_rank(low_rank_run):
 
 
 def test_adapter_loads_evaluates_merges_and_exports(low_rank_run, tmp_path):
-    from conftest import shared_path
+    from conftest import STORIES260K
     from data import load_examples
     from tokenizer import load_tokenizer
     model = fresh_model()
     meta = adapter.load_adapter(low_rank_run / "adapter.safetensors", model)
     assert meta["intervention"] == {"name": "low_rank", "rank": 2}
     assert isinstance(lofit.intervention_of(model), lofit.INTERVENTIONS["low_rank"])
-    tokenizer = load_tokenizer(str(shared_path("weights", "stories260K_hf")))
-    test = load_examples("mquake", "test", data_dir=shared_path("datasets"))[:4]
+    tokenizer = load_tokenizer(str(STORIES260K))
+    test = load_examples("mquake", "test")[:4]
     again = evaluation.evaluate(model, tokenizer, "mquake", test, progress=False)
     assert again["summary"] == json.loads((low_rank_run / "metrics.json").read_text())["test"]
 
@@ -97,9 +97,8 @@ def test_a_refused_adapter_leaves_the_model_as_it_was(low_rank_run, tmp_path):
 
 
 def test_eval_cli_scores_the_adapter(low_rank_run, tmp_path):
-    from conftest import shared_path
-    argv = ["--task", "mquake", "--model", str(shared_path("weights", "stories260K_hf")),
-            "--data-dir", str(shared_path("datasets")), "--limit", "4", "--quiet",
+    from conftest import STORIES260K
+    argv = ["--task", "mquake", "--model", str(STORIES260K), "--limit", "4", "--quiet",
             "--adapter", str(low_rank_run / "adapter.safetensors"), "--out", str(tmp_path / "r.json")]
     assert evaluation.main(argv + ["--intervention", EXAMPLE]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["summary"] == \
