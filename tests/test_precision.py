@@ -2,7 +2,7 @@
 import torch
 
 import train
-from conftest import shared_path
+from conftest import STORIES260K
 from model import Llama
 
 
@@ -12,7 +12,7 @@ def test_bf16_model_edits_in_fp32(tmp_path):
     Layer 0's z does not depend on any offset, so its o_proj input with the offsets on must be
     exactly ((1 + A) * z + v) rounded once to bf16 (a hand computation from z read with them off).
     """
-    model = Llama.from_pretrained(str(shared_path("weights", "stories260K_hf")), dtype=torch.bfloat16)
+    model = Llama.from_pretrained(str(STORIES260K), dtype=torch.bfloat16)
     attn = model.layers[0].self_attn
     assert attn.q_proj.weight.dtype == torch.bfloat16
     assert {p.dtype for n, p in model.named_parameters() if ".lofit_" in n} == {torch.float32}
@@ -37,8 +37,8 @@ def test_bf16_model_edits_in_fp32(tmp_path):
 
 def test_bf16_training_keeps_lofit_and_adamw_state_fp32(tmp_path):
     out = tmp_path / "run"
-    argv = ["--task", "mquake", "--model", str(shared_path("weights", "stories260K_hf")), "--data-dir",
-            str(shared_path("datasets")), "--out", str(out), "--dtype", "bfloat16", "--train-size", "6",
+    argv = ["--task", "mquake", "--model", str(STORIES260K),
+            "--out", str(out), "--dtype", "bfloat16", "--train-size", "6",
             "--batch-size", "3", "--epochs", "1", "--k", "4", "--stop-after", "1"]
     assert train.main(argv) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=True)

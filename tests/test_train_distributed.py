@@ -125,8 +125,8 @@ def test_distributed_evaluation_matches_one_process(tmp_path, task):
     """eval.py under torchrun, base sharded: 5 examples in batches of 2 give rank 0 two batches of
     greedy decoding and rank 1 one, so rank 1 must join rank 0's extra forward passes (lockstep) or
     the job would hang."""
-    argv = ["--task", task, "--model", str(shared_path("weights", "stories260K_hf")), "--data-dir",
-            str(shared_path("datasets")), "--limit", "5", "--eval-batch-size", "2", "--quiet"]
+    argv = ["--task", task, "--model", str(STORIES260K),
+            "--limit", "5", "--eval-batch-size", "2", "--quiet"]
     [one_report] = probe(tmp_path / "one_report", "eval", argv + ["--out", str(tmp_path / "one.json")], processes=1)
     reports = probe(tmp_path / "report", "eval", argv + ["--out", str(tmp_path / "two.json"), "--sharding", "shard"])
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
@@ -146,8 +146,8 @@ def test_distributed_evaluation_matches_one_process(tmp_path, task):
 def test_iti_heads_two_processes_sharded(tmp_path):
     """Stage 2 on ITI's heads (no stage 1 first): the base stays frozen at every backward, and the
     probe ranking (rank 0's, broadcast) and the adapter are those of one process."""
-    argv = ["--task", "truthfulqa", "--model", str(shared_path("weights", "stories260K_hf")), "--data-dir",
-            str(shared_path("datasets")), "--epochs", "1", "--train-size", "8", "--batch-size", "4", "--limit-eval",
+    argv = ["--task", "truthfulqa", "--model", str(STORIES260K),
+            "--epochs", "1", "--train-size", "8", "--batch-size", "4", "--limit-eval",
             "3", "--eval-batch-size", "2", "--k", "4", "--lr-v", "0.05", "--head-selection", "iti"]
     assert train.main(argv + ["--out", str(tmp_path / "one")]) == 0
     reports = probe(tmp_path / "report", "train", argv + ["--out", str(tmp_path / "two"), "--sharding", "shard"])
