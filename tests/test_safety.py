@@ -26,7 +26,7 @@ import eval as evaluation
 import heads
 import rundir
 import train
-from conftest import ROOT, shared_path
+from conftest import ROOT, SPLITS_DIR, STORIES260K
 
 QUICK = ["--stage", "1", "--epochs", "2"]  # stage 1 only: a finished run in about a second
 
@@ -45,7 +45,7 @@ def strict_json(path):
 
 def model_copy(tmp_path, name="model", config=None):
     """A copy of stories260K that a test may damage: its own config.json, the weights copied."""
-    src = shared_path("weights", "stories260K_hf")
+    src = STORIES260K
     dst = tmp_path / name
     shutil.copytree(src, dst)
     if config is not None:
@@ -118,7 +118,7 @@ def test_overwrite_that_finishes_replaces_the_old_run(tmp_path):
 def test_iti_overwrite_interrupted_late_leaves_the_old_outputs_byte_identical(tmp_path, capsys, monkeypatch):
     import iti
     out = tmp_path / "iti"
-    argv = ["--model", str(shared_path("weights", "stories260K_hf")), "--data-dir", str(shared_path("datasets")),
+    argv = ["--model", str(STORIES260K), "--data-dir", str(SPLITS_DIR),
             "--out", str(out), "--k", "3", "--train-size", "2", "--limit", "1"]
     assert iti.main([*argv, "--no-eval"]) == 0
     before = snapshot(out)
@@ -207,7 +207,7 @@ def test_nan_weights_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, cap
         strict_json(path)
 
     results = tmp_path / "results.json"  # eval.py on the NaN model: NaN scores are written as null
-    assert evaluation.main(["--task", "truthfulqa", "--model", str(model), "--data-dir", str(shared_path("datasets")),
+    assert evaluation.main(["--task", "truthfulqa", "--model", str(model), "--data-dir", str(SPLITS_DIR),
                             "--limit", "1", "--quiet", "--out", str(results)]) == 0
     assert strict_json(results)["summary"]["mc2"] is None
     assert "are not finite numbers and are written as null" in capsys.readouterr().err
@@ -216,7 +216,7 @@ def test_nan_weights_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, cap
 def test_non_finite_adapter_and_checkpoint_are_refused_on_load(tmp_path, capsys):
     from adapter import AdapterError, load_adapter, save_adapter
     from model import Llama
-    model = Llama.from_pretrained(str(shared_path("weights", "stories260K_hf")))
+    model = Llama.from_pretrained(str(STORIES260K))
     path = tmp_path / "adapter.safetensors"
     save_adapter(path, model, [(0, 1), (2, 3)], stage=2, task="mquake")
     from safetensors import safe_open
@@ -266,8 +266,8 @@ def test_json_outputs_are_strict_and_say_how_nan_is_written(tmp_path, capsys):
 
 
 def eval_args(out, *extra):
-    return ["--task", "mquake", "--model", str(shared_path("weights", "stories260K_hf")),
-            "--data-dir", str(shared_path("datasets")), "--limit", "2", "--quiet", "--out", str(out), *extra]
+    return ["--task", "mquake", "--model", str(STORIES260K),
+            "--data-dir", str(SPLITS_DIR), "--limit", "2", "--quiet", "--out", str(out), *extra]
 
 
 def test_eval_refuses_an_existing_results_file_and_keeps_results_when_the_write_fails(tmp_path, capsys,
@@ -409,7 +409,7 @@ def test_read_only_out_for_config_json_is_one_line(tmp_path, capsys, monkeypatch
 
 def test_data_dump_to_a_directory_or_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     from data.__main__ import main as dump
-    common = ["--task", "clutrr", "--split", "val", "--data-dir", str(shared_path("datasets"))]
+    common = ["--task", "clutrr", "--split", "val", "--data-dir", str(SPLITS_DIR)]
     assert dump([*common, "--dump", str(tmp_path)]) == 2
     one_line_error(capsys, "is a directory")
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
@@ -463,7 +463,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, capsys,
     ({"num_key_value_heads": 3}, "is not a multiple of num_key_value_heads"),
 ])
 def test_model_config_with_wrong_types_is_one_line(tmp_path, capsys, change, words):
-    config = json.loads((shared_path("weights", "stories260K_hf") / "config.json").read_text())
+    config = json.loads((STORIES260K / "config.json").read_text())
     model = model_copy(tmp_path, config=change if isinstance(change, str) else {**config, **change})
     assert train.main(args_with_model(model, tmp_path / "run", *QUICK)) == 2
     one_line_error(capsys, words)
@@ -499,10 +499,10 @@ def test_damaged_checkpoint_is_one_line_without_unsafe_advice(tmp_path, capsys, 
 def test_eval_explains_a_run_directory_an_adapter_directory_and_an_empty_out(tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(tiny_args("mquake", run, *QUICK)) == 0
-    common = ["--task", "mquake", "--data-dir", str(shared_path("datasets")), "--quiet"]
+    common = ["--task", "mquake", "--data-dir", str(SPLITS_DIR), "--quiet"]
     assert evaluation.main([*common, "--model", str(run)]) == 2
     one_line_error(capsys, "is a train.py/iti.py output directory", f"--adapter {run / 'adapter.safetensors'}")
-    model = str(shared_path("weights", "stories260K_hf"))
+    model = str(STORIES260K)
     assert evaluation.main([*common, "--model", model, "--adapter", str(run)]) == 2
     one_line_error(capsys, "is a directory (it holds adapter.safetensors)", str(run / "adapter.safetensors"))
     assert evaluation.main([*common, "--model", model, "--out", ""]) == 2
@@ -555,10 +555,10 @@ def test_prompts_beyond_max_position_embeddings_warn_once_with_the_count(capsys)
     from data import load_examples
     from model import Llama
     from tokenizer import load_tokenizer
-    weights = str(shared_path("weights", "stories260K_hf"))
+    weights = str(STORIES260K)
     model, tokenizer = Llama.from_pretrained(weights), load_tokenizer(weights)
     assert model.config.max_position_embeddings == 512
-    test = load_examples("truthfulqa", "test", data_dir=shared_path("datasets"))[:2]  # prompts of ~620 tokens
+    test = load_examples("truthfulqa", "test", data_dir=SPLITS_DIR)[:2]  # prompts of ~620 tokens
     evaluation.evaluate(model, tokenizer, "truthfulqa", test, progress=True)
     err = capsys.readouterr().err
     assert err.count("max_position_embeddings") == 1
