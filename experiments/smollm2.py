@@ -2,6 +2,7 @@
 
     python experiments/smollm2.py                     # everything; rerun the same line to continue
     python experiments/smollm2.py --tasks truthfulqa:0 --dry-run    # print the commands only
+    python experiments/smollm2.py --gguf "$(python fetch_smollm2.py)"  # without ../shared
 
 For each task (TruthfulQA fold 0 and 1, MQuAKE, CLUTRR) it runs, in this order:
   base    eval.py on the test split, no adapter.
