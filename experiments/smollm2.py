@@ -20,7 +20,9 @@ Every step writes into --out/<task>/<step>/ and is skipped once its result exist
 left with a checkpoint is continued with --resume, so the study can be stopped at any time and
 continued by running the same command. Each step's command and wall time go to --out/steps.json;
 results.json and results.md (one row per task and method: metrics, trainable parameters, wall
-time) are rebuilt after every step.
+time) are rebuilt after every task, for the --tasks of that command (--dry-run rebuilds them for
+every finished step without running anything). Two commands with different --tasks may run at once
+into the same --out (one per core).
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ class Study:
         if code != 0 or not result.is_file():
             sys.exit(f"{name} failed (exit {code}); see {log}. Fix it and rerun the same command to continue.")
         record = self.steps.get(name, {"seconds": 0.0})
+        if self.log_path.is_file():  # another study process (other --tasks) may have logged steps since
+            self.steps = {**json.loads(self.log_path.read_text()), **self.steps}
         self.steps[name] = {"command": command[1:], "seconds": round(record["seconds"] + seconds, 1)}
         write_json_atomically(self.log_path, self.steps)
         return json.loads(result.read_text())
@@ -179,14 +183,14 @@ def main(argv=None):
     p.add_argument("--lr-grid", nargs="+", type=float, default=[1e-2], help="stage-2 learning rates tried")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads per step")
-    p.add_argument("--dry-run", action="store_true", help="print the commands of the steps still to run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run nothing: print the commands of the steps still to run, rebuild the table from the rest")
     args = p.parse_args(argv)
     s, rows, chosen = Study(args), [], {}
     s.out.mkdir(parents=True, exist_ok=True)
     for spec in args.tasks:
         chosen[spec] = study_task(s, spec, rows)
-        if not args.dry_run:
-            write_table(s, rows)
+        write_table(s, rows)
     for spec in args.tasks:
         if chosen.get(spec):
             study_other(s, spec, chosen[spec], rows)
