@@ -227,7 +227,13 @@ def import_intervention_file(path: str) -> list[str]:
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the file's own error: say which file, leave nothing half-imported
+        sys.modules.pop(module_name, None)
+        for name in set(INTERVENTIONS) - set(before):
+            del INTERVENTIONS[name]
+        raise UsageError(f"--intervention {path} failed to import ({type(e).__name__}: {e})") from None
     module.registered_names = [n for n, cls in INTERVENTIONS.items() if before.get(n) is not cls]
     if not module.registered_names:
         raise UsageError(f"--intervention {path} registers no form: decorate its class with @lofit.register")

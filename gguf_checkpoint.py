@@ -23,6 +23,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers
 
+from atomic import write_atomically, write_text_atomically
 from model import CheckpointError, LlamaConfig
 from tokenizer import HFTokenizersTokenizer, TokenizerError
 
@@ -197,9 +198,9 @@ def write_hf_tokenizer(path, directory: Path) -> None:
     """Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json (an HF checkpoint's files)."""
     import json
     tok = gguf_tokenizer(open_gguf(path), Path(path).name)
-    tok.backend.save(str(Path(directory) / "tokenizer.json"))
+    write_atomically(Path(directory) / "tokenizer.json", lambda tmp: tok.backend.save(str(tmp)))
     token = tok.backend.id_to_token
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": token(tok.eos_id),
               "pad_token": token(tok.pad_id), "add_bos_token": tok.bos_id is not None,
               **({"bos_token": token(tok.bos_id)} if tok.bos_id is not None else {})}
-    (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text_atomically(Path(directory) / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")

@@ -40,6 +40,10 @@ def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
         ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
+    if isinstance(content, dict) and (content.get("n_layers"), content.get("n_heads")) not in \
+            ((None, None), (config.n_layers, config.n_heads)):
+        raise UsageError(f"--heads {path} ranks the heads of a {content['n_layers']} x {content['n_heads']} model "
+                         f"({content.get('model')}); this model has {config.n_layers} layers x {config.n_heads} heads")
     repeated = sorted(head for head, n in Counter((layer, h) for layer, h, _ in ranking).items() if n > 1)
     if repeated:
         raise UsageError(f"--heads {path} lists heads {repeated[:4]} more than once; each head may appear once")

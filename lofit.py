@@ -147,12 +147,19 @@ INTERVENTIONS: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: make a form available by its `name` (train.py --intervention NAME)."""
+    """Class decorator: make a form available by its `name` (train.py --intervention NAME).
+
+    A form must be a dataclass (its fields are its settings, saved in the adapter and the resume key);
+    decorate it with @dataclass under @register.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__}: an intervention form must be a @dataclass (its fields are its settings)")
     INTERVENTIONS[cls.name] = cls
     return cls
 
 
 @register
+@dataclasses.dataclass
 class LoFiT(Intervention):
     """The paper's stage 2: the bias v of the selected heads (A stays 0), z -> z + v."""
     name = "lofit"
@@ -208,7 +215,7 @@ def install(model, form: Intervention) -> Intervention:
             like = attn.lofit_A
             attn.register_parameter("lofit_" + name, nn.Parameter(torch.zeros(shape, device=like.device,
                                                                              dtype=like.dtype)))
-        attn.lofit_edit = form.edit if new else None
+        attn.lofit_edit = form.edit if new or type(form).edit is not Intervention.edit else None
     model.lofit_intervention = form
     return form
 

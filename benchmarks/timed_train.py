@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from atomic import write_text_atomically  # noqa: E402  (after the sys.path line above)
 
 
 def reset_peak_rss() -> None:
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
     try:
         return train.main(rest)
     finally:
-        out.write_text(json.dumps({"phases": phases}, indent=1))
+        write_text_atomically(out, json.dumps({"phases": phases}, indent=1))
 
 
 if __name__ == "__main__":

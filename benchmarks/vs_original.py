@@ -451,7 +451,9 @@ def write_out(args, hp, results) -> str:
     table = report(results, hp, args)
     if args.out:
         import torch
-        args.out.write_text(json.dumps({
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from atomic import write_text_atomically
+        write_text_atomically(args.out, json.dumps({
             "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"), "hparams": hp,
             "shims": SHIMS, "results": results, "table": table}, indent=1, default=str))

@@ -128,6 +128,8 @@ def study_task(s: Study, spec: str, rows: list):
     write_json_atomically(d / "chosen.json", chosen)
     test = s.run(f"{tag}/lofit", "eval.py", [*common, *evaluate, "--adapter", str(best / "adapter.safetensors"),
                                              "--out", str(d / "lofit.json")], d / "lofit.json")
+    if test is None:  # a dry run
+        return None
     trained = json.loads((best / "metrics.json").read_text())["trainable_parameters"]
     rows.append(row(spec, f"LoFiT (K {k}, lr_v {lr:g})", test["summary"], trained,
                     s.seconds(f"{tag}/stage1", f"{tag}/select_k{k}_lr{lr:g}/train", f"{tag}/lofit")))
@@ -135,10 +137,14 @@ def study_task(s: Study, spec: str, rows: list):
     random = s.run(f"{tag}/random", "train.py", [*common, "--head-selection", "random", *chosen_flags,
                                                  "--out", str(d / "random")],
                    d / "random" / "metrics.json", d / "random")
+    if random is None:
+        return None
     rows.append(row(spec, f"stage 2 on random heads (K {k})", random["test"], random["trainable_parameters"],
                     s.seconds(f"{tag}/random")))
     if task == "truthfulqa":
         iti = s.run(f"{tag}/iti", "iti.py", [*common, "--out", str(d / "iti")], d / "iti" / "metrics.json")
+        if iti is None:
+            return None
         rows.append(row(spec, "ITI (K 48, alpha 15)", iti["test"], iti.get("k", 48) * 64, s.seconds(f"{tag}/iti")))
     return chosen_flags
 
@@ -153,6 +159,8 @@ def study_other(s: Study, spec: str, chosen_flags: list[str], rows: list):
         return
     other = s.run(f"{tag}/other", "train.py", [*s.common(task, fold), "--heads", str(heads), *chosen_flags,
                                                "--out", str(d / "other")], d / "other" / "metrics.json", d / "other")
+    if other is None:
+        return
     rows.append(row(spec, f"stage 2 on {OTHER[task]}'s heads", other["test"], other["trainable_parameters"],
                     s.seconds(f"{tag}/other")))
 

@@ -194,9 +194,18 @@ def test_random_heads_resume_to_the_same_adapter(tmp_path):
     (["--head-selection", "random", "--heads", "x.json"], "--heads FILE goes with --head-selection file"),
     (["--head-selection", "random", "--stage", "1"], "--head-selection random replaces stage 1"),
     (["--head-selection", "lofit", "--stage", "2"], "--stage 2 needs --heads FILE"),
+    (["--no-eval"], "--limit chooses the test examples to evaluate; it does nothing with --no-eval"),
 ])
 def test_bad_head_selection_flags_exit_2(tmp_path, capsys, extra, message):
     assert train.main([*common("truthfulqa", tmp_path / "out"), *TINY_TRAIN, *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_heads_file_of_a_model_with_another_shape_is_refused(tmp_path, capsys):
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"model": "other", "n_layers": 2, "n_heads": 4,
+                                 "ranking": [{"layer": 0, "head": 1, "score": 1.0}]}))
+    assert train.main([*common("mquake", tmp_path / "out"), *TINY_TRAIN, "--k", "1", "--heads", str(heads)]) == 2
+    assert "ranks the heads of a 2 x 4 model (other); this model has 5 layers x 8 heads" in capsys.readouterr().err

