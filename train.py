@@ -188,8 +188,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def validate(args):
     """Reject impossible flag values and combinations before anything is loaded."""
     check_flags(args)
-    if args.no_eval and args.limit is not None:
-        raise UsageError("--limit chooses the test examples to evaluate; it does nothing with --no-eval")
     if args.heads and args.head_selection != "file":
         raise UsageError(f"--heads FILE goes with --head-selection file, not {args.head_selection}")
     if args.head_selection == "file" and not args.heads:

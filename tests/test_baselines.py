@@ -194,7 +194,6 @@ def test_random_heads_resume_to_the_same_adapter(tmp_path):
     (["--head-selection", "random", "--heads", "x.json"], "--heads FILE goes with --head-selection file"),
     (["--head-selection", "random", "--stage", "1"], "--head-selection random replaces stage 1"),
     (["--head-selection", "lofit", "--stage", "2"], "--stage 2 needs --heads FILE"),
-    (["--no-eval"], "--limit chooses the test examples to evaluate; it does nothing with --no-eval"),
 ])
 def test_bad_head_selection_flags_exit_2(tmp_path, capsys, extra, message):
     assert train.main([*common("truthfulqa", tmp_path / "out"), *TINY_TRAIN, *extra]) == 2
