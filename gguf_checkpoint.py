@@ -143,17 +143,14 @@ def read_gguf_tensors(reader, config):
 
     A tensor with no HF counterpart is yielded under its GGUF name, for the loader to report.
     """
-    from gguf import GGMLQuantizationType, dequantize
+    from gguf import dequantize
     for t in reader.tensors:
         name = hf_tensor_name(t.name)
-        if t.tensor_type in (GGMLQuantizationType.F32,):
-            array = t.data
-        else:
-            try:
-                array = dequantize(t.data, t.tensor_type)
-            except NotImplementedError:
-                raise GGUFError(f"{t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
-                                f"dequantize; use a file with another quantization") from None
+        try:
+            array = dequantize(t.data, t.tensor_type)  # F32 data comes back as it is
+        except NotImplementedError:
+            raise GGUFError(f"{t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
+                            f"dequantize; use a file with another quantization") from None
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-moving dimension first
         tensor = torch.from_numpy(array.copy()).float().reshape(shape)
         if name is not None and ".self_attn.q_proj." in name:

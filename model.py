@@ -358,7 +358,8 @@ class Llama(nn.Module):
         `progress` shows a bar over the tensors read (minutes for a 7B model).
         """
         config, tensors, where = open_checkpoint(name, token)
-        described_by = "its GGUF metadata" if str(where).lower().endswith(".gguf") else "config.json"
+        import gguf_checkpoint
+        described_by = "its GGUF metadata" if gguf_checkpoint.is_gguf(where) else "config.json"
         with torch.device("meta"):
             model = cls(config)
         state = {name: param for name, param in model.named_parameters()}
