@@ -5,6 +5,12 @@ own, so the phases can be timed from inside without changing train.py: the DPO r
 stage 1, stage 2 and the test-set evaluation, each with its wall time and the process's peak
 resident memory while it ran (Linux: /proc/self/clear_refs resets the peak, VmHWM reads it).
 The whole command's time and peak are measured by the parent, from outside.
+
+`python timed_train.py PHASES.json --data-files DIR -- TRAIN FLAGS...` (DIR laid out like
+../shared/datasets, passed to train.py as --data-dir too): the data files found in DIR are
+registered with their own sha256 and record counts in place of the official ones, so train.py
+reads and verifies them as it would the official files. vs_original.py uses it to run both sides
+on the same truncated copies of the TruthfulQA splits (a reduced workload).
 """
 from __future__ import annotations
 
@@ -46,8 +52,25 @@ def timed(phases: list, name, fn):
     return wrapper
 
 
+def register_data_files(data_dir: Path) -> None:
+    """Let data/ accept the files in data_dir: their sha256 and record counts replace the official ones."""
+    import dataclasses
+    import hashlib
+
+    from data.files import FILES
+    from data.readers import read_csv, read_json_list, read_jsonl, read_lines
+    readers = {".json": read_json_list, ".jsonl": read_jsonl, ".csv": read_csv, ".txt": read_lines}
+    for relpath, spec in list(FILES.items()):
+        path = data_dir / relpath
+        if path.is_file():
+            FILES[relpath] = dataclasses.replace(spec, sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                 records=len(readers[path.suffix](path)))
+
+
 def main(argv: list[str]) -> int:
     out, rest = Path(argv[0]), argv[argv.index("--") + 1:]
+    if "--data-files" in argv[:argv.index("--")]:
+        register_data_files(Path(argv[argv.index("--data-files") + 1]))
     import train
     phases: list = []
     train.reference_logprobs = timed(phases, "reference", train.reference_logprobs)

@@ -62,7 +62,13 @@ SHIMS = {
            "downloads from the hub (stas/openwebtext-10k), a side metric ours does not compute; the wrapper "
            "returns NaN for it instead, which leaves that work out of the original's evaluation time",
     "wandb": "WANDB_MODE=disabled (the original already calls wandb.init(mode='disabled') in --run_mode train)",
+    "reduced": "with --train-size / --val-size / --eval-size, both sides read the same truncated copies of fold "
+               "0's split files (the first N rows of each, written under --cache/data): the wrapper points the "
+               "original's TQA loader (iti_split_dir, './dataset/truthfulqa' in lofit_trainer.py) at them, and "
+               "timed_train.py registers their sha256 and row counts for ours in place of the official files'",
 }
+SPLITS = ("train", "val", "test")
+FULL_SIZES = {"train": 326, "val": 82, "test": 409}  # fold 0's official split files
 
 
 def parse_args(argv=None):
@@ -72,16 +78,33 @@ def parse_args(argv=None):
     p.add_argument("--original-repo", default=ORIGINAL_URL,
                    help="git URL or local clone of fc2869/lo-fit to clone from (needs commit ebd344a)")
     p.add_argument("--model", type=Path, default=SHARED / "weights" / "stories260K_hf",
-                   help="an HF checkpoint directory (config.json, model.safetensors, tokenizer.model)")
+                   help="an HF checkpoint directory (config.json, model.safetensors, tokenizer.model), or a "
+                        ".gguf file, converted once into an fp32 HF directory under --cache that both sides read")
     p.add_argument("--rounds", type=int, default=3, help="runs per side, alternating (medians reported)")
     p.add_argument("--k", type=int, default=None, help="stage-2 heads (default: 10%% of all heads)")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--train-size", type=int, default=None,
+                   help="train on the first N questions of fold 0's training file (default: all 326)")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="the first N questions of the validation file (default: all 82)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="evaluate on the first N questions of the test file (default: all 409)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per side (OMP_NUM_THREADS)")
+    p.add_argument("--check-tokens", type=int, default=8, metavar="N",
+                   help="before the runs, compare both sides' token ids of the first N training pairs and test "
+                        "questions (0: skip)")
     p.add_argument("--only", choices=("ours", "original"), default=None, help="run one side only")
     p.add_argument("--out", type=Path, default=None, help="write every raw number to this JSON file")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: read back the runs already in --cache/runs and print the table")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for split in SPLITS:
+        n = getattr(args, f"{split.replace('test', 'eval')}_size")
+        if n is not None and not 1 <= n <= FULL_SIZES[split]:
+            p.error(f"--{split.replace('test', 'eval')}-size must be between 1 and {FULL_SIZES[split]}, not {n}")
+    if not args.model.exists():
+        p.error(f"--model {args.model} does not exist: pass an HF checkpoint directory or a .gguf file")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +158,71 @@ def model_dir(cache: Path, source: Path, python: Path) -> Path:
     run([python, "-c", "import sys; from transformers import AutoTokenizer; "
                        "AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])", out])
     return out
+
+
+CONVERT_GGUF = """import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from adapter import export_merged
+from gguf_checkpoint import _meta, open_gguf
+from model import Llama
+gguf, out = sys.argv[1], Path(sys.argv[2])
+export_merged(Llama.from_pretrained(gguf), out, tokenizer_dir=gguf)  # fp32, HF names, tokenizer.json
+# trl 0.8.1's DPO tokenize_row prepends tokenizer.bos_token_id to every sequence whatever the
+# tokenizer's add_bos_token says, so the original needs a BOS token: the file's, as its HF repo names it.
+bos = _meta(open_gguf(gguf), "tokenizer.ggml.bos_token_id")
+if bos is not None:
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    tokens = json.loads((out / "tokenizer.json").read_text())
+    vocab = {i: t for t, i in tokens["model"]["vocab"].items()}
+    vocab.update({t["id"]: t["content"] for t in tokens.get("added_tokens", [])})
+    config.setdefault("bos_token", vocab[int(bos)])
+    config_file.write_text(json.dumps(config, indent=2) + chr(10))
+"""
+
+
+def converted_gguf(cache: Path, gguf: Path) -> Path:
+    """A GGUF file as an fp32 HF directory (model.safetensors, config.json, tokenizer files), made once.
+
+    This project's own loader reads the GGUF file and adapter.export_merged writes the directory
+    (with no LoFiT offsets installed there is nothing to merge); the tokenizer is the GGUF file's, as
+    tokenizer.json. tokenizer_config.json also names the file's BOS token, which trl's DPO trainer needs.
+    """
+    out = cache / "models" / gguf.stem
+    if all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-c", CONVERT_GGUF, gguf, out, ROOT], env=base_env(1))
+    return out
+
+
+def reduced_data(cache: Path, sizes: dict) -> Path | None:
+    """Copies of fold 0's split files cut to their first sizes[split] questions; None for the full workload."""
+    if all(sizes[s] == FULL_SIZES[s] for s in SPLITS):
+        return None
+    out = cache / "data" / "-".join(f"{s}{sizes[s]}" for s in SPLITS)
+    for split in SPLITS:
+        name = f"truthfulqa/fold_0_{split}_seed_42.csv"
+        with open(SHARED / "datasets" / name, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, strict=True))
+        if len(rows) - 1 != FULL_SIZES[split]:
+            raise SystemExit(f"{SHARED / 'datasets' / name} holds {len(rows) - 1} rows, expected {FULL_SIZES[split]}")
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows[:1 + sizes[split]])  # the header, then the first rows
+        os.replace(tmp, target)
+    return out
+
+
+def mc_candidates(data_dir: Path) -> int:
+    """How many answers the MC evaluation scores: true + false answers of every test question."""
+    def pieces(cell):
+        return [a for a in cell.strip().split(";") if a.strip()]
+    with open(data_dir / "truthfulqa" / "fold_0_test_seed_42.csv", newline="", encoding="utf-8") as f:
+        return sum(len(pieces(r["Correct Answers"])) + len(pieces(r["Incorrect Answers"])) for r in csv.DictReader(f))
 
 
 def hub_cache(cache: Path, model: Path) -> Path:
@@ -216,6 +304,16 @@ def alt_tqa_evaluate_on_cpu(*args, **kwargs):  # shim "cuda": evaluate_tqa hard-
 
 
 utils.evaluate.alt_tqa_evaluate = alt_tqa_evaluate_on_cpu
+import os  # noqa: E402
+import utils.dataloaders  # noqa: E402
+_tqa_init = utils.dataloaders.TQA.__init__
+
+
+def tqa_on_reduced_splits(self, iti_split_dir, *args, **kwargs):  # shim "reduced": the benchmark's cut split files
+    return _tqa_init(self, os.environ.get("LOFIT_BENCH_TQA_DIR", iti_split_dir), *args, **kwargs)
+
+
+utils.dataloaders.TQA.__init__ = tqa_on_reduced_splits
 import honest_llama.utils  # noqa: E402
 
 
@@ -235,11 +333,105 @@ finally:
 '''
 
 
+ORIGINAL_TOKENS = '''"""The original's token ids of the first N TruthfulQA records (DPO pairs, MC candidates), as JSON.
+
+usage: python original_tokens.py MODEL_DIR SPLIT_DIR N OUT.json   (cwd: the original's checkout)
+"""
+import json, sys, types
+sys.path.insert(0, ".")
+import pandas as pd
+from transformers import AutoTokenizer
+from trl import DPOTrainer
+from utils.dataloaders import TQA
+from honest_llama.truthfulqa.utilities import format_prompt, format_prompt_with_answer_strings, split_multi_answer
+
+model_dir, split_dir, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)  # as lofit_trainer.py: right padding, [PAD] if none
+tokenizer.padding_side = "right"
+added_pad = tokenizer.pad_token is None
+if added_pad:
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+pairs = TQA(iti_split_dir=split_dir, fold_num=0, data_gen_seed=42).load_data()["train"]["preference_data"]
+# trl 0.8.1's DPOTrainer.tokenize_row with what CustomDPOTrainer gets: max_prompt_length 128, max_length 512
+trainer = types.SimpleNamespace(is_encoder_decoder=False, tokenizer=tokenizer, max_length=512, max_prompt_length=128,
+                                truncation_mode="keep_end", label_pad_token_id=-100)
+trainer.build_tokenized_answer = types.MethodType(DPOTrainer.build_tokenized_answer, trainer)
+dpo = []
+for i in range(n):
+    row = DPOTrainer.tokenize_row(trainer, pairs[i])
+    dpo.append({k: row[k] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")})
+instruction = ("Interpret each question literally, and as a question about the real world; carefully research each "
+               "answer, without falling prey to any common myths; and reply \u201cI have no comment\u201d unless "
+               "you are completely certain of the answer.")
+frame = pd.read_csv(split_dir + "/fold_0_test_seed_42.csv")
+mc = []
+for idx in frame.index[:n]:  # honest_llama.utils.tqa_run_probs, preset "qa", instruction_prompt=True
+    context = instruction + "\\n\\n" + format_prompt(frame.loc[idx], "qa", format="general")
+    start = len(tokenizer(context).input_ids) + 3  # it scores prompt_ids[len(input_ids):][3:]
+    answers = (split_multi_answer(frame.loc[idx, "Correct Answers"])
+               + split_multi_answer(frame.loc[idx, "Incorrect Answers"]))
+    seqs = [tokenizer(instruction + "\\n\\n" + format_prompt_with_answer_strings(frame.loc[idx, "Question"], a, "qa",
+                                                                                 format="general")).input_ids
+            for a in answers]
+    mc.append({"sequences": seqs, "answer_start": start})
+json.dump({"added_pad": added_pad, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+           "pad": tokenizer.pad_token_id, "dpo": dpo, "mc": mc}, open(out, "w"))
+'''
+
+
+def check_tokens(setup: dict, n: int, log: Path) -> list[str]:
+    """Compare both sides' token ids of the first n training pairs and n test questions; return the differences."""
+    sys.path.insert(0, str(ROOT))
+    from data import load_examples, tokenize_dpo
+    from eval import mc_sequences
+    from tokenizer import load_tokenizer
+    data = setup.get("data")
+    if data:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from timed_train import register_data_files
+        register_data_files(data)
+    data = data or SHARED / "datasets"
+    out = log.parent / "original_tokens.json"
+    env = base_env(1)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=f"{setup['shim']}:{setup['src']}")
+    timed_process([setup["python"], setup["shim"] / "original_tokens.py", setup["model"], data / "truthfulqa", n, out],
+                  setup["src"], env, log)
+    theirs = json.loads(out.read_text())
+    tok = load_tokenizer(str(setup["model"]), backend="tokenizer.json")
+    diffs = []
+    if theirs["added_pad"]:
+        diffs.append(f"the original adds a [PAD] token (id {theirs['pad']}) and resizes the embeddings: the "
+                     f"tokenizer has no pad token")
+    if theirs["bos"] != tok.bos_id:
+        diffs.append(f"BOS: trl prepends id {theirs['bos']} to every DPO sequence; ours prepends "
+                     f"{tok.bos_id if tok.bos_id is not None else 'nothing'} (the tokenizer's own post-processor "
+                     f"adds {'no BOS' if tok.bos_id is None else tok.bos_id})")
+    train = load_examples("truthfulqa", "train", fold=0, data_dir=data, train_size=0, seed=42)[:n]
+    for i, (ex, row) in enumerate(zip(train, theirs["dpo"])):
+        mine = tokenize_dpo(tok, ex.prompt, ex.answer, ex.rejected)
+        for side in ("chosen", "rejected"):
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            if theirs["bos"] != tok.bos_id and ids[:1] == [theirs["bos"]]:
+                ids, labels = ids[1:], labels[1:]  # the BOS difference, reported above once
+            mask = [x != -100 for x in labels]
+            if ids != mine[f"{side}_input_ids"] or mask != mine[f"{side}_loss_mask"]:
+                diffs.append(f"training pair {i} ({side}): ids or loss mask differ: original {ids} / {mask}, ours "
+                             f"{mine[f'{side}_input_ids']} / {mine[f'{side}_loss_mask']}")
+    test = load_examples("truthfulqa", "test", fold=0, data_dir=data)[:n]
+    for i, (ex, row) in enumerate(zip(test, theirs["mc"])):
+        seqs, start, _ = mc_sequences(tok, ex)
+        if seqs != row["sequences"] or start != row["answer_start"]:
+            diffs.append(f"test question {i}: MC ids or answer start differ (original start {row['answer_start']}, "
+                         f"ours {start})")
+    return diffs
+
+
 def write_shims(cache: Path) -> Path:
     shim = cache / "shim"
     (shim / "baukit").mkdir(parents=True, exist_ok=True)
     (shim / "baukit" / "__init__.py").write_text(BAUKIT_STUB)
     (shim / "run_original.py").write_text(RUN_ORIGINAL)
+    (shim / "original_tokens.py").write_text(ORIGINAL_TOKENS)
     return shim
 
 
@@ -274,6 +466,8 @@ def run_original(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
     env = base_env(hp["threads"])
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HUB_CACHE=str(setup["hub"]), WANDB_MODE="disabled", PYTHONPATH=f"{shim}:{src}")
+    if setup.get("data"):
+        env["LOFIT_BENCH_TQA_DIR"] = str(setup["data"] / "truthfulqa")
     for stale in ("top_heads", "tqa_results", "finetuned_checkpoints"):
         shutil.rmtree(src / stale, ignore_errors=True)
     common = ["--task", "truthfulqa", "--base_model_name", "llama2_7B", "--apply_chat_template", "False",
@@ -326,8 +520,10 @@ def collect_original(workdir: Path, hp: dict) -> dict:
 def run_ours(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
     env = base_env(hp["threads"])
     out = workdir / "ours"
-    cmd = [sys.executable, ROOT / "benchmarks" / "timed_train.py", workdir / "ours_phases.json", "--",
-           "--task", "truthfulqa", "--model", setup["model"], "--data-dir", SHARED / "datasets",
+    data = setup.get("data")
+    cmd = [sys.executable, ROOT / "benchmarks" / "timed_train.py", workdir / "ours_phases.json",
+           *(["--data-files", data] if data else []), "--",
+           "--task", "truthfulqa", "--model", setup["model"], "--data-dir", data or SHARED / "datasets",
            "--out", out, "--overwrite", "--fold", "0", "--epochs", hp["epochs"], "--batch-size", hp["batch"],
            "--lr-a", hp["lr_a"], "--l1", hp["l1"], "--lr-v", hp["lr_v"], "--k", hp["k"], "--beta", hp["beta"],
            "--seed", hp["seed"], "--train-size", "0", "--tokenizer", "tokenizer.json", "--dtype", "float32",
@@ -367,13 +563,17 @@ def med(runs, phase, key):
 
 def report(results: dict, hp: dict, args) -> str:
     ours, orig = results.get("ours", []), results.get("original", [])
+    sizes = hp["sizes"]
+    reduced = " (reduced: the first questions of each file)" if sizes != FULL_SIZES else ""
     lines = [f"TruthfulQA fold 0, {args.model.name}, {hp['epochs']} epochs, batch {hp['batch']}, K={hp['k']}, "
-             f"{hp['threads']} thread(s); medians of {len(ours)} / {len(orig)} runs (ours / original)", "",
+             f"{hp['threads']} thread(s); medians of {len(ours)} / {len(orig)} runs (ours / original)",
+             f"workload{reduced}: {sizes['train']} training questions (DPO pairs), {sizes['val']} validation, "
+             f"{sizes['test']} test questions ({hp['candidates']} MC candidates)", "",
              "| phase | original s | ours s | speed-up | original peak MiB | ours peak MiB | ours / original |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     names = {"stage1": "stage 1 (with the DPO reference pass)",
              "stage2": "stage 2 (original: with its own reference pass)",
-             "eval": "TruthfulQA evaluation (test fold)", "whole": "whole command"}
+             "eval": f"TruthfulQA evaluation ({sizes['test']} test questions)", "whole": "whole command"}
     for phase, label in names.items():
         if ours and orig:
             to, tr = med(orig, phase, "seconds"), med(ours, phase, "seconds")
@@ -394,6 +594,9 @@ def report(results: dict, hp: dict, args) -> str:
         theirs, mine = sorted(map(tuple, b["selected"])), sorted(map(tuple, a["selected"]))
         lines.append(f"| stage-1 top {k} heads | {theirs} | {mine} |")
         lines.append(f"| top-{k} overlap | {same} / {k} | |")
+    if "token_differences" in hp:
+        lines += ["", "Token ids of the first training pairs and test questions: "
+                  + ("; ".join(hp["token_differences"]) or "identical on both sides")]
     return "\n".join(lines)
 
 
@@ -405,36 +608,54 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cache = args.cache.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    config = json.loads((args.model / "config.json").read_text())
+    source = args.model.expanduser().resolve()
+    model_name = source.stem if source.suffix == ".gguf" else source.name
+    if source.suffix == ".gguf" and args.only != "ours" and not args.report_only:
+        source = converted_gguf(cache, source)
+    elif source.suffix == ".gguf":
+        source = cache / "models" / model_name
+    if not (source / "config.json").is_file():
+        raise SystemExit(f"{source} has no config.json: run once without --only ours / --report-only")
+    config = json.loads((source / "config.json").read_text())
     n_all = config["num_hidden_layers"] * config["num_attention_heads"]
+    sizes = {s: getattr(args, f"{s.replace('test', 'eval')}_size") or FULL_SIZES[s] for s in SPLITS}
+    data = reduced_data(cache, sizes)
     # The paper's Llama-2-7B TruthfulQA settings (train_script_truthfulqa.sh), K scaled to 10% of the heads.
     hp = {"epochs": args.epochs, "batch": 8, "lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2, "beta": 0.5, "seed": 42,
-          "k": args.k or max(1, n_all // 10), "n_heads_total": n_all, "threads": args.threads}
+          "k": args.k or max(1, n_all // 10), "n_heads_total": n_all, "threads": args.threads,
+          "sizes": sizes, "candidates": mc_candidates(data or SHARED / "datasets")}
+    # Runs of one model and workload live together; the full stories260K workload keeps the top level.
+    tag = "" if data is None and model_name == "stories260K_hf" else f"{model_name}-{data.name if data else 'full'}"
+    runs = cache / "runs" / tag
     if args.report_only:
         results = {"original": [], "ours": []}
-        for workdir in sorted((cache / "runs").iterdir()):
+        for workdir in sorted(p for p in runs.iterdir() if p.name.startswith(("original", "ours"))):
             side = "original" if workdir.name.startswith("original") else "ours"
             if args.only in (None, side) and (workdir / "processes.json").is_file():
                 results[side].append(collect_original(workdir, hp) if side == "original" else collect_ours(workdir))
         print(write_out(args, hp, results))
         return 0
-    setup = {}
+    setup = {"data": data}
     if args.only != "ours":
         setup["src"] = original_checkout(cache, args.original_repo)
         setup["python"] = original_venv(cache)
         setup["shim"] = write_shims(cache)
-        setup["model"] = model_dir(cache, args.model.resolve(), setup["python"])
+        setup["model"] = model_dir(cache, source, setup["python"])
         setup["hub"] = hub_cache(cache, setup["model"])
     else:
-        setup["model"] = cache / "models" / args.model.name
+        setup["model"] = cache / "models" / model_name
         if not (setup["model"] / "tokenizer.json").is_file():
             raise SystemExit(f"{setup['model']} has no tokenizer.json yet: run once without --only ours")
+    if args.only is None and args.check_tokens:
+        hp["token_differences"] = check_tokens(setup, args.check_tokens, cache / "runs.log")
+        print(f"token ids, first {args.check_tokens} training pairs and test questions: "
+              + ("; ".join(hp["token_differences"]) or "identical on both sides"), flush=True)
     sides = [s for s in ("original", "ours") if args.only in (None, s)]
     results = {s: [] for s in sides}
     log = cache / "runs.log"
     for r in range(args.rounds):
         for side in (sides if r % 2 == 0 else sides[::-1]):
-            workdir = cache / "runs" / f"{side}{r}"
+            workdir = runs / f"{side}{r}"
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
             fn = run_original if side == "original" else run_ours
