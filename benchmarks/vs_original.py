@@ -112,7 +112,8 @@ def parse_args(argv=None):
 
 
 def run(cmd, **kwargs):
-    print("+", " ".join(map(str, cmd)), flush=True)
+    shown = [c if "\n" not in str(c) else "<script>" for c in cmd]
+    print("+", " ".join(map(str, shown)), flush=True)
     subprocess.run(cmd, check=True, **kwargs)
 
 
@@ -170,11 +171,21 @@ gguf, out = sys.argv[1], Path(sys.argv[2])
 export_merged(Llama.from_pretrained(gguf), out, tokenizer_dir=gguf)  # fp32, HF names, tokenizer.json
 # trl 0.8.1's DPO tokenize_row prepends tokenizer.bos_token_id to every sequence whatever the
 # tokenizer's add_bos_token says, so the original needs a BOS token: the file's, as its HF repo names it.
+# tokenizers 0.15.2 (the original's pin) reads BPE merges only as "a b" strings and knows no
+# ignore_merges field; newer ones write [a, b] pairs. Same merges, the older spelling.
+tokens = json.loads((out / "tokenizer.json").read_text())
+if tokens["model"].get("type") == "BPE":
+    merges = tokens["model"]["merges"]
+    if any(isinstance(m, list) and any(" " in piece for piece in m) for m in merges):
+        raise SystemExit("a BPE merge holds a space: tokenizers 0.15.2 cannot read this tokenizer")
+    tokens["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    if tokens["model"].get("ignore_merges") is False:  # False is the older versions' only behaviour
+        del tokens["model"]["ignore_merges"]
+    (out / "tokenizer.json").write_text(json.dumps(tokens, ensure_ascii=False, indent=2))
 bos = _meta(open_gguf(gguf), "tokenizer.ggml.bos_token_id")
 if bos is not None:
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
-    tokens = json.loads((out / "tokenizer.json").read_text())
     vocab = {i: t for t, i in tokens["model"]["vocab"].items()}
     vocab.update({t["id"]: t["content"] for t in tokens.get("added_tokens", [])})
     config.setdefault("bos_token", vocab[int(bos)])
@@ -587,8 +598,9 @@ def report(results: dict, hp: dict, args) -> str:
             lines.append(f"| {key.replace('_', ' ')} per epoch | {fmt(b[key])} | {fmt(a[key])} |")
         for m in ("mc1", "mc2", "mc3"):
             if m in a["test"] or m in b["test"]:
-                theirs, mine = b["test"].get(m, float("nan")), a["test"].get(m, float("nan"))
-                lines.append(f"| {m.upper()} | {theirs:.4f} | {mine:.4f} |")
+                theirs, mine = (f"{x[m]:.4f}" if x.get(m) == x.get(m) and m in x else "not computed"
+                                for x in (b["test"], a["test"]))
+                lines.append(f"| {m.upper()} | {theirs} | {mine} |")
         k = hp["k"]
         same = len(set(map(tuple, a["selected"])) & set(map(tuple, b["selected"])))
         theirs, mine = sorted(map(tuple, b["selected"])), sorted(map(tuple, a["selected"]))
