@@ -208,17 +208,17 @@ def converted_gguf(cache: Path, gguf: Path) -> Path:
     return out
 
 
-def reduced_data(cache: Path, sizes: dict) -> Path | None:
-    """Copies of fold 0's split files cut to their first sizes[split] questions; None for the full workload."""
+def reduced_data(cache: Path, sizes: dict, source: Path = SHARED / "datasets") -> Path | None:
+    """Copies of fold 0's split files (in source) cut to their first sizes[split] questions; None for all of them."""
     if all(sizes[s] == FULL_SIZES[s] for s in SPLITS):
         return None
     out = cache / "data" / "-".join(f"{s}{sizes[s]}" for s in SPLITS)
     for split in SPLITS:
         name = f"truthfulqa/fold_0_{split}_seed_42.csv"
-        with open(SHARED / "datasets" / name, newline="", encoding="utf-8") as f:
+        with open(source / name, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f, strict=True))
         if len(rows) - 1 != FULL_SIZES[split]:
-            raise SystemExit(f"{SHARED / 'datasets' / name} holds {len(rows) - 1} rows, expected {FULL_SIZES[split]}")
+            raise SystemExit(f"{source / name} holds {len(rows) - 1} rows, expected {FULL_SIZES[split]}")
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
