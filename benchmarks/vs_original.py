@@ -2,6 +2,7 @@
 
     python benchmarks/vs_original.py --cache ~/.cache/lofit-vs-original               # stories260K
     python benchmarks/vs_original.py --original-repo /path/to/lo-fit --rounds 3 --out vs.json
+    python benchmarks/vs_original.py --model SmolLM2-135M-Instruct.Q4_1.gguf --train-size 128 --eval-size 200
 
 The original is fc2869/lo-fit at commit ebd344a (lofit_trainer.py on transformers 4.39.2 and
 trl 0.8.1). This script builds everything it needs under --cache, outside the repository, and
@@ -20,6 +21,12 @@ process (which writes top_heads/*.npy) and a stage-2 process (which then evaluat
 `train.py --task truthfulqa` command. Reported per side: wall time and peak resident memory of
 stage 1, stage 2, the evaluation and the whole command (medians over rounds), and what both reach:
 per-epoch training losses, the stage-1 head ranking and selected heads, MC1/MC2/MC3.
+
+--model may be a .gguf file: it is converted once into an fp32 HF directory under --cache (this
+project's loader and adapter.export_merged), which both sides then read. --train-size, --val-size
+and --eval-size cut fold 0's split files to their first N questions, and both sides read those same
+truncated copies (a reduced workload, for models where the whole one takes hours on a CPU). Before
+the runs, both sides' token ids of the first few records are compared and any difference printed.
 
 This is a measurement script: it asserts nothing. Its results and how to read them (the original's
 quirks explain small differences in the numbers): benchmarks/README.md.
