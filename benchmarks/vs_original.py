@@ -458,7 +458,12 @@ def write_shims(cache: Path) -> Path:
 
 
 def timed_process(cmd, cwd, env, log: Path) -> dict:
-    """Run cmd; return its wall seconds and peak RSS (from the kernel's rusage of that child)."""
+    """Run cmd; return its wall seconds and peak RSS (from the kernel's rusage of that child).
+
+    The phase timers inside reset the process's peak (/proc/self/clear_refs), which the kernel's
+    rusage then no longer sees: it holds the peak since the last reset only. A whole command's peak
+    is therefore the largest of this and every phase's peak (collect_original, collect_ours).
+    """
     start = time.perf_counter()
     with open(log, "a") as f:
         f.write("+ " + " ".join(map(str, cmd)) + "\n")
@@ -526,7 +531,7 @@ def collect_original(workdir: Path, hp: dict) -> dict:
         "stage1": phase["train"], "stage2": phase2["train"], "eval": phase2["eval"],
         "processes": processes,
         "whole": {"seconds": sum(p["seconds"] for p in processes),
-                  "peak_rss_bytes": max(p["peak_rss_bytes"] for p in processes)},
+                  "peak_rss_bytes": max(p["peak_rss_bytes"] for p in processes + s1["phases"] + s2["phases"])},
         "loss_stage1": [e["loss"] for e in s1["log_history"] if "loss" in e],  # per epoch (logging_strategy)
         "loss_stage2": [e["loss"] for e in s2["log_history"] if "loss" in e],
         "log_history": [s1["log_history"], s2["log_history"]],
@@ -553,10 +558,11 @@ def run_ours(setup: dict, hp: dict, workdir: Path, log: Path) -> dict:
 def collect_ours(workdir: Path) -> dict:
     """One run of ours, read back from its run directory."""
     out = workdir / "ours"
-    whole = json.loads((workdir / "processes.json").read_text())[0]
+    whole = dict(json.loads((workdir / "processes.json").read_text())[0])
     phases = {}
     for p in json.loads((workdir / "ours_phases.json").read_text())["phases"]:
         phases[p["phase"]] = p
+    whole["peak_rss_bytes"] = max([whole["peak_rss_bytes"]] + [p["peak_rss_bytes"] for p in phases.values()])
     metrics = json.loads((out / "metrics.json").read_text())
     heads = json.loads((out / "heads.json").read_text())
     ref = phases.get("reference", {"seconds": 0.0, "peak_rss_bytes": 0})
