@@ -39,8 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller workloads (about a minute or two)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default: per model)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed time; cpu: process CPU time, robust to other load (use with --threads 1)")
+    p.add_argument("--clock", choices=("wall", "cpu", "user"), default="wall",
+                   help="wall: elapsed time; cpu: process CPU time, robust to other load (use with --threads 1); "
+                        "user: the user-mode part of cpu (leaves out the kernel's page-fault time)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the gpu section")
     p.add_argument("--gpu-model", choices=("7b", "tiny"), default="7b",
                    help="gpu section: Llama-2-7B shape, or a tiny one to check the code path anywhere")
@@ -155,7 +156,7 @@ def markdown(rows: list[Row]) -> str:
             f"{'met' if r.met else 'MISSED'}"
         note = f" ({r.note})" if r.note else ""
         lines.append(f"| {r.section} | {r.config} | {r.metric}{note} | {fmt(r.baseline)} {r.unit} | "
-                     f"{fmt(r.ours)} {r.unit} | {r.ratio:.2f}x | {target} |")
+                     f"{fmt(r.ours)} {r.unit} | {r.ratio:.2f}x | {target} |".replace("| nanx |", "| - |"))
     return "\n".join(lines)
 
 

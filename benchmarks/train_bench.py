@@ -16,6 +16,7 @@ and grad-norm clipping at 1.0. A step = forward + backward + clipping + optimise
 """
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -211,6 +212,25 @@ def build_sides(ours_model, hf_model, stage: int, batch, heads, seed: int = 0,
     return sides, hooks
 
 
+def kernel_share(step, repeats: int = 3) -> dict:
+    """Medians over `repeats` steps of the step's user and system CPU seconds and minor page faults.
+
+    A step's large temporaries (the (B, T, vocab) logits, their log-softmax and gradients) are
+    fresh memory each time: the allocator maps and unmaps them, and the kernel zeroes every new page
+    (system time, one minor fault per 4 KiB page). `--clock cpu` counts that time, `--clock user`
+    leaves it out.
+    """
+    samples = []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        step()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        samples.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+                        after.ru_minflt - before.ru_minflt))
+    user, system, faults = (median([s[i] for s in samples]) for i in range(3))
+    return {"user_s": user, "system_s": system, "minor_faults": faults}
+
+
 def static_bytes(side: Side) -> int:
     """Weights, buffers, LoFiT parameters and optimiser state."""
     model = side.model
@@ -243,6 +263,7 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
     times = interleaved_times({s.name: s.step for s in sides}, repeats, device, clock)
     tokens = shape.batch * shape.seq
     tps = {name: tokens / median(t) for name, t in times.items()}
+    kernel = {s.name: kernel_share(s.step) for s in sides} if device == "cpu" else {}
     base = "transformers+hooks"
     loss_gap = abs(first_loss["ours"] - first_loss[base])  # same weights, batch and A, v: same loss
     lowest = min(layer for layer, _ in heads) if stage == 2 else None
@@ -257,6 +278,12 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
         rows.append(Row("train", config, f"{label} peak step memory" + ("" if main else f" [{name}]"),
                         peaks[base] / 2**20, peaks[name] / 2**20, "MiB", False,
                         1.0 if main and config == "medium" else None))
+        if kernel:
+            rows.append(Row("train", config, f"{label} system CPU s per step" + ("" if main else f" [{name}]"),
+                            kernel[base]["system_s"], kernel[name]["system_s"], "s", False,
+                            note=f"minor page faults per step {kernel[base]['minor_faults']:,.0f} / "
+                                 f"{kernel[name]['minor_faults']:,.0f}; user CPU s "
+                                 f"{kernel[base]['user_s']:.2f} / {kernel[name]['user_s']:.2f}"))
     limit = {}
     if peak_flops:
         n_params = linear_params(ours_model)
@@ -267,7 +294,7 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
                             note=f"N = {n_params / 1e6:.1f}M, matmul peak {peak_flops / 1e9:.0f} GFLOP/s"))
     raw = {"stage": stage, "heads": heads, "limit_fraction": limit, "matmul_peak_flops": peak_flops,
            "shape": vars(shape), "times_s": times, "tokens_per_s": tps,
-           "peak_step_bytes": peaks, "static_bytes": {s.name: static_bytes(s) for s in sides},
+           "peak_step_bytes": peaks, "kernel_share": kernel, "static_bytes": {s.name: static_bytes(s) for s in sides},
            "first_step_loss": first_loss}
     hooks.remove()  # leave the baseline model stock for the next stage
     return rows, raw
