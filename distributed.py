@@ -96,8 +96,14 @@ def setup_distributed(device_flag: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
-def close_distributed() -> None:
+def close_distributed(finished: bool = False) -> None:
+    """Leave the job. After a run that `finished` on this rank, first wait for every rank to get
+    here: a rank that tore its process group down while another still had its last collective in
+    flight could make that one abort (gloo, on the CPU). After a failure, leave at once (torchrun
+    stops the others)."""
     if dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

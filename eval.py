@@ -399,10 +399,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         d = setup_distributed(args.device)
+        finished = False
         try:
             results = run(args, d)
+            finished = True
         finally:
-            close_distributed()
+            close_distributed(finished)
     except LofitError as err:
         return report_error(err, print_message=os.environ.get("RANK", "0") == "0")
     except KeyboardInterrupt:

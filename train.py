@@ -643,11 +643,14 @@ def main(argv=None) -> int:
     try:
         validate(args)
         d = setup_distributed(args.device)
+        finished = False
         try:
             with claim_out_dir(args, d, argv):
-                return run_pipeline(settings_from_flags(args, d), d, vars(args))
+                code = run_pipeline(settings_from_flags(args, d), d, vars(args))
+            finished = True
+            return code
         finally:
-            close_distributed()
+            close_distributed(finished)
     except WriteError as e:
         kept = checkpoint_summary(Path(args.out))
         hint = f"; the last checkpoint ({kept}) is kept: once it can be written, continue with --resume" if kept \

@@ -10,6 +10,7 @@ Writes REPORT.<rank> (JSON):
 - load: for a sharded model, the share of each block tensor's rows this rank holds and the largest
   difference between the gathered weights and the checkpoint read by Llama.from_pretrained.
 """
+import gc
 import json
 import os
 import sys
@@ -96,6 +97,16 @@ def backward(self, *args, **kwargs):
     return result
 
 
+original_close = distributed.close_distributed
+
+
+def close_distributed(*args, **kwargs):
+    """Drop the probe's reference to the model first: a sharded model must not outlive its process group."""
+    models.clear()
+    gc.collect()
+    return original_close(*args, **kwargs)
+
+
 distributed.load_model = load_model
 model_module.Llama.hidden_states = hidden_states
 torch.Tensor.backward = backward
@@ -105,6 +116,7 @@ if __name__ == "__main__":
     import eval as eval_module
     import train
     train.load_model = eval_module.load_model = load_model
+    train.close_distributed = eval_module.close_distributed = close_distributed
     code = (train if script == "train" else eval_module).main(argv)
     Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(json.dumps({"code": code, **report}))
     sys.exit(code)
