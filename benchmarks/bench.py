@@ -156,7 +156,7 @@ def markdown(rows: list[Row]) -> str:
             f"{'met' if r.met else 'MISSED'}"
         note = f" ({r.note})" if r.note else ""
         lines.append(f"| {r.section} | {r.config} | {r.metric}{note} | {fmt(r.baseline)} {r.unit} | "
-                     f"{fmt(r.ours)} {r.unit} | {r.ratio:.2f}x | {target} |".replace("| nanx |", "| - |"))
+                     f"{fmt(r.ours)} {r.unit} | {f'{r.ratio:.2f}x' if r.baseline else '-'} | {target} |")
     return "\n".join(lines)
 
 

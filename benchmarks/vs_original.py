@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))  # this project's modules, imported where they are used
 ORIGINAL_URL = "https://github.com/fc2869/lo-fit"
 ORIGINAL_COMMIT = "ebd344a"
 # The original's requirements.txt pins, for what lofit_trainer.py imports on the TruthfulQA path
@@ -76,6 +78,7 @@ SHIMS = {
 }
 SPLITS = ("train", "val", "test")
 FULL_SIZES = {"train": 326, "val": 82, "test": 409}  # fold 0's official split files
+SIZE_FLAGS = {"train": "train_size", "val": "val_size", "test": "eval_size"}  # --train-size, --val-size, --eval-size
 
 
 def parse_args(argv=None):
@@ -105,10 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: read back the runs already in --cache/runs and print the table")
     args = p.parse_args(argv)
-    for split in SPLITS:
-        n = getattr(args, f"{split.replace('test', 'eval')}_size")
+    for split, flag in SIZE_FLAGS.items():
+        n = getattr(args, flag)
         if n is not None and not 1 <= n <= FULL_SIZES[split]:
-            p.error(f"--{split.replace('test', 'eval')}-size must be between 1 and {FULL_SIZES[split]}, not {n}")
+            p.error(f"--{flag.replace('_', '-')} must be between 1 and {FULL_SIZES[split]}, not {n}")
     if not args.model.exists():
         p.error(f"--model {args.model} does not exist: pass an HF checkpoint directory or a .gguf file")
     return args
@@ -217,6 +220,7 @@ def converted_gguf(cache: Path, gguf: Path) -> Path:
 
 def reduced_data(cache: Path, sizes: dict, source: Path = SHARED / "datasets") -> Path | None:
     """Copies of fold 0's split files (in source) cut to their first sizes[split] questions; None for all of them."""
+    from atomic import write_bytes_atomically
     if all(sizes[s] == FULL_SIZES[s] for s in SPLITS):
         return None
     out = cache / "data" / "-".join(f"{s}{sizes[s]}" for s in SPLITS)
@@ -228,19 +232,18 @@ def reduced_data(cache: Path, sizes: dict, source: Path = SHARED / "datasets") -
             raise SystemExit(f"{source / name} holds {len(rows) - 1} rows, expected {FULL_SIZES[split]}")
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows(rows[:1 + sizes[split]])  # the header, then the first rows
-        os.replace(tmp, target)
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(rows[:1 + sizes[split]])  # the header, then the first rows
+        write_bytes_atomically(target, text.getvalue().encode("utf-8"))  # csv's own line ends, as written
     return out
 
 
 def mc_candidates(data_dir: Path) -> int:
     """How many answers the MC evaluation scores: true + false answers of every test question."""
-    def pieces(cell):
-        return [a for a in cell.strip().split(";") if a.strip()]
+    from data.truthfulqa import split_answers
     with open(data_dir / "truthfulqa" / "fold_0_test_seed_42.csv", newline="", encoding="utf-8") as f:
-        return sum(len(pieces(r["Correct Answers"])) + len(pieces(r["Incorrect Answers"])) for r in csv.DictReader(f))
+        return sum(len(split_answers(r["Correct Answers"])) + len(split_answers(r["Incorrect Answers"]))
+                   for r in csv.DictReader(f))
 
 
 def hub_cache(cache: Path, model: Path) -> Path:
@@ -399,7 +402,6 @@ json.dump({"added_pad": added_pad, "bos": tokenizer.bos_token_id, "eos": tokeniz
 
 def check_tokens(setup: dict, n: int, log: Path) -> list[str]:
     """Compare both sides' token ids of the first n training pairs and n test questions; return the differences."""
-    sys.path.insert(0, str(ROOT))
     from data import load_examples, tokenize_dpo
     from eval import mc_sequences
     from tokenizer import load_tokenizer
@@ -643,7 +645,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{source} has no config.json: run once without --only ours / --report-only")
     config = json.loads((source / "config.json").read_text())
     n_all = config["num_hidden_layers"] * config["num_attention_heads"]
-    sizes = {s: getattr(args, f"{s.replace('test', 'eval')}_size") or FULL_SIZES[s] for s in SPLITS}
+    sizes = {s: getattr(args, SIZE_FLAGS[s]) or FULL_SIZES[s] for s in SPLITS}
     data = reduced_data(cache, sizes)
     # The paper's Llama-2-7B TruthfulQA settings (train_script_truthfulqa.sh), K scaled to 10% of the heads.
     hp = {"epochs": args.epochs, "batch": 8, "lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2, "beta": 0.5, "seed": 42,
