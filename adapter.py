@@ -29,12 +29,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 
-from atomic import ordinary_mode, write_atomically
-from errors import LofitError
-from gguf_checkpoint import is_gguf, write_hf_tokenizer
 from lofit import (
     LoFiT,
     attentions,
@@ -45,7 +44,8 @@ from lofit import (
     offset_parameters,
     reset_offsets,
 )
-from model import hf_name
+from model import LofitError, hf_name
+from tokenizer import load_tokenizer
 
 FORMAT = "lofit-adapter"
 FORMAT_VERSION = 2  # 2: the intervention field; LoFiT-only files are still written as 1
@@ -88,7 +88,6 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
     Raises AdapterError when an offset holds NaN or infinity (such a file would poison every model it
     is loaded onto).
     """
-    from safetensors.torch import save_file
     n_layers, n_heads = model.config.n_layers, model.config.n_heads
     every = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     heads = every if heads is None else check_heads(model, heads)
@@ -121,12 +120,11 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
                 "heads": json.dumps(heads), "complete": json.dumps(not left_out)}
     if not lofit_only:  # older readers refuse version 2 rather than load the file without the form
         metadata["intervention"] = json.dumps({"name": form.name, **form.hparams()}, sort_keys=True)
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _write_replacing(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_adapter(path) -> tuple[dict, dict]:
     """(tensors, metadata) of an adapter file, metadata decoded; AdapterError if it is not one."""
-    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file {path} does not exist")
@@ -304,13 +302,12 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
         FileExistsError: `out_dir` exists and overwrite is False.
         FileNotFoundError: `tokenizer_dir` holds none of the tokenizer files.
     """
-    from safetensors.torch import save_file
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists: choose a new directory or pass overwrite=True")
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a model directory: choose another path")
-    from_gguf = tokenizer_dir is not None and is_gguf(tokenizer_dir)  # a .gguf file: write its tokenizer
+    from_gguf = tokenizer_dir is not None and str(tokenizer_dir).lower().endswith(".gguf")  # write its tokenizer
     tokenizer_files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES] if tokenizer_dir and not from_gguf else []
     tokenizer_files = [f for f in tokenizer_files if f.is_file()]
     if tokenizer_dir and not from_gguf and not tokenizer_files:
@@ -340,15 +337,15 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
         if from_gguf:
-            write_hf_tokenizer(tokenizer_dir, tmp)
+            load_tokenizer(str(tokenizer_dir)).save_hf(tmp)
         for f in tmp.iterdir():
-            os.chmod(f, ordinary_mode())
-        os.chmod(tmp, ordinary_mode(directory=True))  # mkdtemp makes it owner-only
+            os.chmod(f, _ordinary_mode())
+        os.chmod(tmp, _ordinary_mode(directory=True))  # mkdtemp makes it owner-only
         if out_dir.exists():  # overwrite: move the old one aside first, delete it once the new one is in place
             old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
             os.replace(out_dir, old)
@@ -359,3 +356,27 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _ordinary_mode(directory: bool = False) -> int:
+    """The mode a plainly created file (or directory) would get under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def _write_replacing(path, write) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`: a failed or
+    interrupted write leaves the old file as it was and no temporary behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())  # the bytes reach the disk before the name points at them
+        os.chmod(tmp, _ordinary_mode())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -17,14 +17,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from adapter import load_adapter
-from atomic import WriteError, json_text, remove_temporaries, write_json_atomically
-from cli import (
+from data import TASK_INFO, TASKS, Example, load_examples
+from lofit import INTERVENTIONS, answer_logprobs
+from machinery.basics.atomic import WriteError, json_text, remove_temporaries, write_json_atomically
+from machinery.checkpoints import read_model_config
+from machinery.distributed import (
+    Dist,
+    add_sharding_flag,
+    choose_sharding,
+    close_distributed,
+    gather_lists,
+    load_model,
+    lockstep,
+    rank_slice,
+    setup_distributed,
+)
+from machinery.flags import (
     UsageError,
     add_common_flags,
     add_intervention_flags,
@@ -35,20 +50,9 @@ from cli import (
     resolve_device,
     resolve_dtype,
 )
-from data import TASK_INFO, TASKS, Example, load_examples
-from distributed import (
-    Dist,
-    add_sharding_flag,
-    choose_sharding,
-    close_distributed,
-    evaluate_split,
-    load_model,
-    setup_distributed,
-)
-from errors import LofitError
-from lofit import INTERVENTIONS, answer_logprobs
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
-from model import KVCache, Llama
+from model import KVCache, Llama, LofitError
+from tokenizer import load_tokenizer
 
 
 def warn_beyond_context(model: Llama, lengths: list[int], what: str, show: bool = True) -> int:
@@ -269,6 +273,17 @@ def evaluate(model: Llama, tokenizer, task: str, examples: list[Example], *, bat
     return evaluate_generation(model, tokenizer, task, examples, batch_size, progress)
 
 
+def evaluate_split(model, tokenizer, task: str, examples: list, d: Dist, **kwargs) -> dict:
+    """`evaluate` with the examples split across torchrun's ranks; the same summary and details on every rank."""
+    if d.world == 1 or not examples:
+        return evaluate(model, tokenizer, task, examples, **kwargs)
+    mine = examples[rank_slice(len(examples), d)]
+    with lockstep(model, d):  # a sharded base: every rank joins every forward pass
+        details = evaluate(model, tokenizer, task, mine, **kwargs)["details"] if mine else []
+    details = gather_lists(details, d)
+    return {"summary": summarize(task, details), "details": details}
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -324,9 +339,6 @@ def run(args, d: Dist | None = None) -> dict:
     Under torchrun (`d` from distributed.setup_distributed) the examples are split across ranks
     and every rank returns the whole results dict.
     """
-    from model import read_model_config
-    from tokenizer import load_tokenizer
-
     folds = check_args(args)
     if args.intervention.endswith(".py"):  # registers the form the adapter names (its settings are in the adapter)
         import_intervention_file(args.intervention)
@@ -384,7 +396,6 @@ def save_results(path: Path, results: dict) -> int:
         write_json_atomically(path, results)
         return 0
     except WriteError as err:
-        import tempfile
         fallback = Path(tempfile.gettempdir()) / f"lofit-results-{os.getpid()}.json"
         try:
             write_json_atomically(fallback, results)

@@ -43,9 +43,23 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import rundir
-from atomic import write_json_atomically
-from cli import (
+import eval as evaluation  # the module, not the builtin: its evaluate() scores the test set
+from adapter import save_adapter
+from data import TASKS, load_examples
+from lofit import (
+    HeadScore,
+    LoFiT,
+    attentions,
+    check_heads,
+    install,
+    offsets_disabled,
+    reset_offsets,
+    select_heads,
+)
+from machinery import rundir
+from machinery.basics.atomic import reported_write, write_json_atomically
+from machinery.checkpoints import load_model
+from machinery.flags import (
     UsageError,
     add_common_flags,
     check_flags,
@@ -54,9 +68,9 @@ from cli import (
     resolve_device,
     resolve_dtype,
 )
-from errors import LofitError
-from heads import write_heads_file
-from lofit import HeadScore, LoFiT, attentions, check_heads, install, offsets_disabled, reset_offsets
+from machinery.heads_file import write_heads_file
+from model import LofitError
+from tokenizer import load_tokenizer
 
 PROMPT = "Q: {question} A: {answer}"
 
@@ -331,7 +345,6 @@ class ITISettings:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from data import TASKS
     p = argparse.ArgumentParser(description="ITI: probe-ranked heads shifted by alpha * sigma * u, no training.")
     p.add_argument("--task", default="truthfulqa", choices=TASKS, help="needs true and false answers: truthfulqa")
     add_common_flags(p)
@@ -363,17 +376,10 @@ def check_args(args) -> ITISettings:
 
 def run(args) -> dict:
     """Load, fit ITI, write the adapter and heads, evaluate; return the metrics."""
-    from adapter import save_adapter
-    from data import load_examples
-    from eval import evaluate
-    from lofit import select_heads
-    from model import Llama
-    from tokenizer import load_tokenizer
-
     started = time.time()
     settings = check_args(args)
-    model = Llama.from_pretrained(args.model, dtype=getattr(torch, settings.dtype), device=settings.device,
-                                  progress=sys.stderr.isatty())
+    model = load_model(args.model, dtype=getattr(torch, settings.dtype), device=settings.device,
+                       progress=sys.stderr.isatty())
     total = model.config.n_layers * model.config.n_heads
     if settings.k > total:
         raise UsageError(f"K = {settings.k} is more than the model's {total} heads "
@@ -399,7 +405,8 @@ def run(args) -> dict:
                      source="ITI probe accuracy on the validation questions", config=config)
     hparams = {"method": "iti", "k": settings.k, "alpha": settings.alpha, "probe_l2": settings.l2,
                "fold": args.fold, "seed": args.seed}
-    save_adapter(out / "adapter.safetensors", model, heads, stage=2, task=args.task, hparams=hparams)
+    with reported_write(out / "adapter.safetensors"):
+        save_adapter(out / "adapter.safetensors", model, heads, stage=2, task=args.task, hparams=hparams)
     metrics = {"method": "iti", "k": settings.k, "alpha": settings.alpha,
                "probe_texts": {"train": probes.n_train, "val": probes.n_val},
                "probe_accuracy": {"selected_mean": sum(s for _, _, s in ranking[:settings.k]) / settings.k,
@@ -407,7 +414,7 @@ def run(args) -> dict:
                "sigma_selected": [float(probes.sigma[layer, h]) for layer, h in heads]}
     if not args.no_eval:
         test = load_examples(args.task, "test", fold=args.fold, data_dir=args.data_dir)[:args.limit]
-        result = evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size)
+        result = evaluation.evaluate(model, tokenizer, args.task, test, batch_size=args.eval_batch_size)
         metrics["test"] = result["summary"]
         write_json_atomically(out / "eval_details.json", result["details"])
         print("test: " + json.dumps(result["summary"]))

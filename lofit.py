@@ -28,6 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import collate
+from model import KVCache
+
 
 class HeadScore(NamedTuple):
     """One head's stage-1 importance: ||A[layer, head]||_2."""
@@ -411,9 +414,6 @@ def pair_answer_logprobs(model, pairs: list[dict], pad_id: int, device="cpu", sh
         shared_prefix: False runs the 2n full sequences in one batch instead (the reference path;
             also what an FSDP-sharded model needs, which cannot run a block twice before a backward).
     """
-    from data import collate
-    from model import KVCache
-
     def padded(rows):  # input_ids, attention_mask, loss_mask, each (B, T), right-padded
         batch = collate(rows, pad_id)
         return batch["input_ids"], batch["attention_mask"], batch["loss_mask"]

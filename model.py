@@ -22,9 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
-from errors import LofitError
-from hub import resolve_model_dir
+
+class LofitError(Exception):
+    """A mistake the user can fix (a flag, a file, a checkpoint): the commands print its message as one
+    `error:` line and exit 2. Every module's own kind (CheckpointError here, AdapterError, DataError,
+    TokenizerError, machinery's UsageError, HubError, WriteError) is one of these."""
 
 
 class CheckpointError(LofitError, ValueError):
@@ -348,18 +353,27 @@ class Llama(nn.Module):
     # Loading
 
     @classmethod
-    def from_pretrained(cls, name: str, dtype: torch.dtype = torch.float32, device="cpu",
-                        token: str | None = None, progress: bool = False) -> "Llama":
-        """Load a checkpoint: an HF-format directory or hub repo id, or a llama.cpp .gguf file.
+    def from_pretrained(cls, directory, dtype: torch.dtype = torch.float32, device="cpu",
+                        progress: bool = False) -> "Llama":
+        """Load a Hugging Face checkpoint directory (config.json + safetensors files).
 
-        The model is built on the meta device and each tensor is read (safetensors: straight from
-        the file; GGUF: dequantized, gguf_checkpoint.py) into its final dtype and device, so a 7B
-        model is never held twice. Loading is strict: every tensor present, none left over.
-        `progress` shows a bar over the tensors read (minutes for a 7B model).
+        Hub repo ids and llama.cpp .gguf files are read by machinery/checkpoints.py, which turns them
+        into the same (config, tensors) and calls `from_tensors`.
         """
-        config, tensors, where = open_checkpoint(name, token)
-        import gguf_checkpoint
-        described_by = "its GGUF metadata" if gguf_checkpoint.is_gguf(where) else "config.json"
+        directory = Path(directory)
+        config = read_config(directory)  # first: a missing config.json is the clearer message
+        tensors = ((file.name, key, t) for file in checkpoint_files(directory) for key, t in read_safetensors(file))
+        return cls.from_tensors(config, tensors, where=directory, dtype=dtype, device=device, progress=progress)
+
+    @classmethod
+    def from_tensors(cls, config: LlamaConfig, tensors, *, where, described_by: str = "config.json",
+                     dtype: torch.dtype = torch.float32, device="cpu", progress: bool = False) -> "Llama":
+        """Build a model from `config` and `tensors`, an iterable of (file name, HF tensor name, tensor).
+
+        The model is built on the meta device and each tensor is moved into its final dtype and
+        device as it is read, so a 7B model is never held twice. Loading is strict: every tensor
+        present, none left over. `progress` shows a bar over the tensors read (minutes for a 7B model).
+        """
         with torch.device("meta"):
             model = cls(config)
         state = {name: param for name, param in model.named_parameters()}
@@ -367,7 +381,6 @@ class Llama(nn.Module):
         expected = {hf_name(n): n for n in state if ".lofit_" not in n}
         loaded = {}
         unexpected = []
-        from tqdm import tqdm
         for file, key, tensor in tqdm(tensors, total=len(expected), desc="loading weights", unit="tensor",
                                       disable=not progress, leave=False, dynamic_ncols=True):
             if key.endswith("rotary_emb.inv_freq"):
@@ -399,7 +412,7 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(config).to(device)
-        model.source = str(name)
+        model.source = str(where)
         return model.eval()
 
     # ------------------------------------------------------------------------------------------
@@ -489,31 +502,6 @@ def positions_and_mask(attention_mask, B: int, past: int, T: int, device):
 # Checkpoint files
 
 
-def open_checkpoint(name, token: str | None = None):
-    """(config, tensors, where) of a checkpoint; tensors yields (file name, HF tensor name, tensor).
-
-    `name` is a .gguf file (read by gguf_checkpoint.py) or what hub.resolve_model_dir accepts.
-    """
-    import gguf_checkpoint  # imported here, not at the top: it builds on this module
-    if gguf_checkpoint.is_gguf(name):
-        reader = gguf_checkpoint.open_gguf(name)
-        config = gguf_checkpoint.read_gguf_config(reader)
-        tensors = ((Path(name).name, k, t) for k, t in gguf_checkpoint.read_gguf_tensors(reader, config))
-        return config, tensors, Path(name)
-    directory = resolve_model_dir(name, token)
-    config = read_config(directory)  # first: a missing config.json is the clearer message
-    tensors = ((file.name, key, t) for file in checkpoint_files(directory) for key, t in read_safetensors(file))
-    return config, tensors, directory
-
-
-def read_model_config(name, token: str | None = None) -> LlamaConfig:
-    """The config of a checkpoint directory, hub repo id or .gguf file, without reading its weights."""
-    import gguf_checkpoint
-    if gguf_checkpoint.is_gguf(name):
-        return gguf_checkpoint.read_gguf_config(gguf_checkpoint.open_gguf(name))
-    return read_config(resolve_model_dir(name, token))
-
-
 def hf_name(name: str) -> str:
     """Our parameter name -> the tensor name in an HF checkpoint (ours mirror HF's, minus 'model.')."""
     return name if name.startswith("lm_head") else "model." + name
@@ -584,7 +572,6 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 def read_safetensors(file: Path):
     """Yield (name, tensor) from one safetensors file, one tensor at a time."""
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():

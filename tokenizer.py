@@ -23,8 +23,9 @@ from pathlib import Path
 import sentencepiece
 import tokenizers
 
-import hub
-from errors import LofitError
+from machinery.basics import gguf_file
+from machinery.basics.hub import resolve_model_dir
+from model import LofitError
 
 
 class TokenizerError(LofitError, ValueError):
@@ -112,6 +113,15 @@ class HFTokenizersTokenizer(Tokenizer):
     def _decode(self, ids: list[int], skip_special: bool) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
+    def save_hf(self, directory: Path) -> None:
+        """Write tokenizer.json + tokenizer_config.json into `directory`, as an HF checkpoint holds them."""
+        self.backend.save(str(Path(directory) / "tokenizer.json"))
+        token = self.backend.id_to_token
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": token(self.eos_id),
+                  "pad_token": token(self.pad_id), "add_bos_token": self.bos_id is not None,
+                  **({"bos_token": token(self.bos_id)} if self.bos_id is not None else {})}
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
 
 BACKENDS = ("auto", "sentencepiece", "tokenizer.json")
 
@@ -121,7 +131,7 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
 
     Args:
         path_or_repo_id: local checkpoint directory, Hugging Face repo id (see ``hub.resolve_model_dir``),
-            or a llama.cpp .gguf file (its vocabulary and merges, see gguf_checkpoint.py).
+            or a llama.cpp .gguf file (its vocabulary and merges, see machinery/basics/gguf_file.py).
         token: optional hub token for gated or private repos.
         backend: "auto" (SentencePiece if it can read ``tokenizer.model``, else ``tokenizer.json``),
             or "sentencepiece" / "tokenizer.json" to insist on one.
@@ -135,13 +145,12 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
     """
     if backend not in BACKENDS:
         raise TokenizerError(f"unknown tokenizer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    import gguf_checkpoint  # imported here, not at the top: it builds on this module
-    if gguf_checkpoint.is_gguf(path_or_repo_id):
+    if gguf_file.is_gguf(path_or_repo_id):
         if backend == "sentencepiece":
             raise TokenizerError(f"{path_or_repo_id} is a GGUF file: its tokenizer is byte-level BPE, not "
                                  f"SentencePiece; use --tokenizer auto")
-        return gguf_checkpoint.gguf_tokenizer(gguf_checkpoint.open_gguf(path_or_repo_id), Path(path_or_repo_id).name)
-    directory = hub.resolve_model_dir(path_or_repo_id, token, need_weights=False)
+        return _load_gguf_tokenizer(path_or_repo_id)
+    directory = resolve_model_dir(path_or_repo_id, token, need_weights=False)
     sp_file, json_file = directory / "tokenizer.model", directory / "tokenizer.json"
     if not sp_file.is_file() and not json_file.is_file():
         raise TokenizerError(f"{directory} has no tokenizer: expected tokenizer.model (SentencePiece) "
@@ -158,6 +167,14 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
                 raise TokenizerError(f"{sp_file} is not a readable SentencePiece model ({err}); "
                                      f"replace it with the model's original tokenizer.model") from None
     return _load_tokenizer_json(directory)
+
+
+def _load_gguf_tokenizer(path) -> HFTokenizersTokenizer:
+    try:
+        data = gguf_file.gguf_tokenizer(gguf_file.open_gguf(path), Path(path).name)
+    except gguf_file.GGUFError as e:
+        raise TokenizerError(str(e)) from None
+    return HFTokenizersTokenizer(data.backend, data.bos_id, data.eos_id, data.pad_id)
 
 
 def _read_json(path: Path) -> dict:

@@ -31,41 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-import rundir
 from adapter import save_adapter
-from atomic import WriteError, save_torch_atomically, write_json_atomically
-from cli import (
-    UsageError,
-    add_common_flags,
-    add_intervention_flags,
-    check_flags,
-    check_out_dir,
-    report_error,
-    resolve_dtype,
-    resolve_intervention,
-)
 from data import TASK_INFO, TASKS, collate, load_examples, tokenize_ce, tokenize_dpo
-from distributed import (
-    Dist,
-    add_sharding_flag,
-    barrier,
-    choose_sharding,
-    close_distributed,
-    evaluate_split,
-    gather_lists,
-    load_model,
-    lockstep,
-    rank_share,
-    rank_slice,
-    same_on_every_rank,
-    setup_distributed,
-    sync_gradients,
-)
-from errors import LofitError
-from eval import warn_beyond_context
-from heads import heads_file_source, plot_heads, random_ranking, read_heads_file, write_heads_file
+from eval import evaluate_split, warn_beyond_context
 from iti import fit_iti
 from lofit import (
     HeadScore,
@@ -81,8 +52,37 @@ from lofit import (
     setup_stage2,
     trainable_count,
 )
-from model import read_model_config
-from runlog import StepLog
+from machinery import rundir
+from machinery.basics.atomic import WriteError, reported_write, save_torch_atomically, write_json_atomically
+from machinery.checkpoints import read_model_config
+from machinery.distributed import (
+    Dist,
+    add_sharding_flag,
+    barrier,
+    choose_sharding,
+    close_distributed,
+    gather_lists,
+    load_model,
+    lockstep,
+    rank_share,
+    rank_slice,
+    same_on_every_rank,
+    setup_distributed,
+    sync_gradients,
+)
+from machinery.flags import (
+    UsageError,
+    add_common_flags,
+    add_intervention_flags,
+    check_flags,
+    check_out_dir,
+    report_error,
+    resolve_dtype,
+    resolve_intervention,
+)
+from machinery.heads_file import heads_file_source, plot_heads, random_ranking, read_heads_file, write_heads_file
+from machinery.runlog import StepLog
+from model import LofitError
 from tokenizer import load_tokenizer
 
 OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "metrics.jsonl",
@@ -355,7 +355,6 @@ def pair_logprobs(model, data: TrainData, chunk: list[int], device) -> torch.Ten
     under FSDP sharding, whose blocks reshard after each forward and cannot serve two forwards of
     a block before one backward: there both full sequences run in one batch.
     """
-    from torch.distributed.fsdp import FSDPModule
     return pair_answer_logprobs(model, [data.items[i] for i in chunk], data.pad_id, device,
                                 shared_prefix=not isinstance(model, FSDPModule))
 
@@ -613,8 +612,9 @@ def finish(run: Run, model, selected, metrics, record, started, stage: int) -> i
                    "epochs": s.epochs, "batch_size": s.batch_size, "seed": s.seed,
                    "fold": s.fold,  # eval.py refuses to test a TruthfulQA adapter on its own training fold
                    "head_selection": s.head_selection}
-        save_adapter(s.out / "adapter.safetensors", model, None if stage == 1 else selected,
-                     stage=stage, task=s.task, hparams=hparams)  # stage 1: every head's A; the form's own settings
+        with reported_write(s.out / "adapter.safetensors"):
+            save_adapter(s.out / "adapter.safetensors", model, None if stage == 1 else selected,
+                         stage=stage, task=s.task, hparams=hparams)  # stage 1: every head's A; the form's own settings
         write_json_atomically(s.out / "metrics.json", metrics)
         write_json_atomically(s.out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
         rundir.commit(s.out)  # the run is complete: its checkpoint and the run it replaced go

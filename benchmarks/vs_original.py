@@ -175,10 +175,10 @@ CONVERT_GGUF = """import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from adapter import export_merged
-from gguf_checkpoint import _meta, open_gguf
-from model import Llama
+from machinery.basics.gguf_file import _meta, open_gguf
+from machinery.checkpoints import load_model
 gguf, out = sys.argv[1], Path(sys.argv[2])
-export_merged(Llama.from_pretrained(gguf), out, tokenizer_dir=gguf)  # fp32, HF names, tokenizer.json
+export_merged(load_model(gguf), out, tokenizer_dir=gguf)  # fp32, HF names, tokenizer.json
 # trl 0.8.1's DPO tokenize_row prepends tokenizer.bos_token_id to every sequence whatever the
 # tokenizer's add_bos_token says, so the original needs a BOS token: the file's, as its HF repo names it.
 # tokenizers 0.15.2 (the original's pin) reads BPE merges only as "a b" strings and knows no
@@ -220,7 +220,7 @@ def converted_gguf(cache: Path, gguf: Path) -> Path:
 
 def reduced_data(cache: Path, sizes: dict, source: Path = SHARED / "datasets") -> Path | None:
     """Copies of fold 0's split files (in source) cut to their first sizes[split] questions; None for all of them."""
-    from atomic import write_bytes_atomically
+    from machinery.basics.atomic import write_bytes_atomically
     if all(sizes[s] == FULL_SIZES[s] for s in SPLITS):
         return None
     out = cache / "data" / "-".join(f"{s}{sizes[s]}" for s in SPLITS)
@@ -700,7 +700,7 @@ def write_out(args, hp, results) -> str:
     if args.out:
         import torch
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from atomic import write_text_atomically
+        from machinery.basics.atomic import write_text_atomically
         write_text_atomically(args.out, json.dumps({
             "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"), "hparams": hp,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from errors import LofitError
+from model import LofitError
 
 TASKS = ("truthfulqa", "mquake", "clutrr", "siqa", "arc_challenge", "boolq")
 SPLITS = ("train", "val", "test")

@@ -2,7 +2,7 @@
 
     python experiments/smollm2.py                     # everything; rerun the same line to continue
     python experiments/smollm2.py --tasks truthfulqa:0 --dry-run    # print the commands only
-    python experiments/smollm2.py --gguf "$(python fetch_smollm2.py)"  # without ../shared
+    python experiments/smollm2.py --gguf "$(python scripts/fetch_smollm2.py)"  # without ../shared
 
 For each task (TruthfulQA fold 0 and 1, MQuAKE, CLUTRR) it runs, in this order:
   base    eval.py on the test split, no adapter.
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from atomic import write_atomically, write_json_atomically  # noqa: E402
+from machinery.basics.atomic import write_atomically, write_json_atomically  # noqa: E402
 
 GGUF = ROOT.parent / "shared" / "weights" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASKS = ("truthfulqa:0", "truthfulqa:1", "mquake", "clutrr")

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-import distributed  # noqa: E402
 import model as model_module  # noqa: E402
+from machinery import distributed  # noqa: E402
 
 torch.set_num_threads(1)
 report = {"backward": [], "calls": [], "load": None}

@@ -15,8 +15,8 @@ import train
 from adapter import load_adapter
 from conftest import STORIES260K
 from data import load_examples
-from heads import random_ranking
 from lofit import select_heads
+from machinery.heads_file import random_ranking
 from model import Llama
 from tokenizer import load_tokenizer
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import cli
 import iti
 import train
+from machinery import flags as cli
 from model import LlamaConfig
 
 
@@ -86,10 +86,10 @@ def test_one_validator_says_the_same_thing_everywhere(tmp_path, capsys, main, ar
 def test_every_user_error_is_a_lofit_error():
     import adapter
     import data
-    import hub
     import model
     import tokenizer
-    from errors import LofitError
+    from machinery.basics import hub
+    from model import LofitError
     for error in (cli.UsageError, data.DataError, hub.HubError, model.CheckpointError, tokenizer.TokenizerError,
                   adapter.AdapterError):
         assert issubclass(error, LofitError)

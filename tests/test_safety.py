@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import subprocess_env, tiny_args
 
-import atomic
 import eval as evaluation
-import heads
-import rundir
 import train
 from conftest import ROOT, SPLITS_DIR, STORIES260K
+from machinery import heads_file as heads
+from machinery import rundir
+from machinery.basics import atomic
 
 QUICK = ["--stage", "1", "--epochs", "2"]  # stage 1 only: a finished run in about a second
 
@@ -91,7 +91,8 @@ def test_overwrite_killed_before_its_first_checkpoint_is_undone_by_the_next_run(
     assert train.main(tiny_args("mquake", out, *QUICK)) == 0
     before = snapshot(out)
     killed = textwrap.dedent(f"""
-        import os, rundir, train
+        import os, train
+        from machinery import rundir
         with rundir.claim({str(out)!r}, train.OUTPUT_FILES, overwrite=True, checkpoint="checkpoint.pt"):
             open({str(out / "config.json")!r}, "w").write("the new run's config")
             os.kill(os.getpid(), 9)
@@ -135,7 +136,7 @@ def test_iti_overwrite_interrupted_late_leaves_the_old_outputs_byte_identical(tm
 @pytest.mark.parametrize("phase", ["replacing", "running", "committing"])
 def test_a_kill_at_any_step_of_a_replacement_loses_nothing(tmp_path, phase):
     """The directory as kill -9 leaves it at each step of rundir's bookkeeping, then the next run."""
-    from cli import UsageError
+    from machinery.flags import UsageError
     out, outputs = tmp_path / "run", ("a.json", "b.json", "checkpoint.pt")
     (out / rundir.PREVIOUS).mkdir(parents=True)
     (out / rundir.PREVIOUS / "a.json").write_text("old a")
@@ -164,7 +165,8 @@ def test_a_kill_at_any_step_of_a_replacement_loses_nothing(tmp_path, phase):
 def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capsys):
     out = tmp_path / "run"
     holder = textwrap.dedent(f"""
-        import time, rundir, train
+        import time, train
+        from machinery import rundir
         with rundir.claim({str(out)!r}, train.OUTPUT_FILES, checkpoint="checkpoint.pt",
                           command="python train.py --the-first-run"):
             print("held", flush=True)
@@ -321,7 +323,8 @@ def test_failed_start_is_retryable_with_the_same_command_and_messages_tell_the_s
 def test_run_killed_before_its_first_checkpoint_does_not_block_the_same_command(tmp_path, capsys):
     out = tmp_path / "run"
     killed = textwrap.dedent(f"""
-        import json, os, rundir, train
+        import json, os, train
+        from machinery import rundir
         with rundir.claim({str(out)!r}, train.OUTPUT_FILES, checkpoint="checkpoint.pt"):
             open({str(out / "config.json")!r}, "w").write("{{}}")
             os.kill(os.getpid(), 9)

@@ -28,8 +28,8 @@ import pytest
 import sentencepiece
 import torch
 
-import hub
 from conftest import SPLITS_DIR, STORIES260K, shared_path
+from machinery.basics import hub
 from tokenizer import HFTokenizersTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer
 
 VARIED_TEXTS = [

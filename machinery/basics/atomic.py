@@ -21,10 +21,13 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from errors import LofitError
+import torch
+
+from model import LofitError
 
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what mkstemp(prefix=".NAME.", suffix=".tmp") makes
 
@@ -78,6 +81,18 @@ def ordinary_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+@contextmanager
+def reported_write(path: str | os.PathLike):
+    """Turn an I/O failure inside the block into a WriteError naming `path`: for writers that do their
+    own temporary file and rename (adapter.save_adapter), whose failures must still be one line."""
+    try:
+        yield
+    except Exception as e:
+        if _is_io_failure(e) and not isinstance(e, WriteError):
+            raise write_error(path, e) from e
+        raise
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
@@ -158,8 +173,6 @@ def write_json_atomically(path: str | os.PathLike, obj) -> None:
 
 def save_torch_atomically(path: str | os.PathLike, obj) -> None:
     """torch.save(obj) to `path`, atomically; a failed write is a WriteError like any other."""
-    import torch
-
     def write(tmp):
         try:
             torch.save(obj, tmp)

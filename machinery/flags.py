@@ -25,12 +25,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from errors import LofitError
+from lofit import INTERVENTIONS, make_intervention
+from model import LofitError
+from tokenizer import BACKENDS
 
 USAGE_EXIT_STATUS = 2  # the status argparse also uses for bad flags
 
@@ -112,7 +115,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def add_common_flags(parser, *, model_default: str | None = "meta-llama/Llama-2-7b-hf") -> None:
     """The flags every script has, with one name and one meaning each (see the module docstring)."""
-    from tokenizer import BACKENDS
     parser.add_argument("--model", default=model_default, required=model_default is None,
                         help="local checkpoint directory, hub id (a merged export too) or .gguf file"
                              + (f"; default {model_default}" if model_default else ""))
@@ -189,7 +191,6 @@ def check_out_file(out: str | Path, *, overwrite: bool = False) -> None:
         UsageError: an empty --out; `out` is a directory or exists (without --overwrite); its
             directory is missing or not writable.
     """
-    import os
     if not str(out).strip():
         raise UsageError("--out is empty; pass a file name such as results.json (or leave --out out)")
     out = Path(out)
@@ -216,7 +217,6 @@ def add_intervention_flags(parser, with_settings: bool = True) -> None:
 
 def import_intervention_file(path: str) -> list[str]:
     """Import a .py file that registers forms with @lofit.register; return the names it registered."""
-    from lofit import INTERVENTIONS
     file = Path(path).resolve()
     if not file.is_file():
         raise UsageError(f"--intervention {path}: no such file")
@@ -246,7 +246,6 @@ def resolve_intervention(spec: str, settings=()):
     Raises:
         UsageError: an unknown name, a file that registers no form or several, or bad settings.
     """
-    from lofit import make_intervention
     name = spec
     if spec.endswith(".py"):
         names = import_intervention_file(spec)

@@ -36,8 +36,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from atomic import WriteError, remove_temporaries, write_error, write_json_atomically
-from cli import UsageError
+from machinery.basics.atomic import WriteError, remove_temporaries, write_error, write_json_atomically
+from machinery.flags import UsageError
 
 LOCK = ".lock"
 MARKER = ".unfinished.json"

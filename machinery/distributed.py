@@ -49,9 +49,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
-from cli import UsageError, resolve_device
-from hub import resolve_model_dir
+from machinery.basics.gguf_file import is_gguf
+from machinery.basics.hub import resolve_model_dir
+from machinery.checkpoints import load_model as load_checkpoint
+from machinery.flags import UsageError, resolve_device
 from model import CheckpointError, Llama, checkpoint_files, hf_name, read_config, rope_inv_freq
 
 SHARDINGS = ("auto", "replicate", "shard")
@@ -152,7 +158,7 @@ def load_model(name: str, d: Dist, dtype: torch.dtype, sharding: str, progress: 
     if sharding == "shard":
         model = load_sharded(name, d, dtype)
     else:
-        model = Llama.from_pretrained(name, dtype=dtype, device=d.device, progress=progress and d.main)
+        model = load_checkpoint(name, dtype=dtype, device=d.device, progress=progress and d.main)
     for param_name, p in model.named_parameters():
         if ".lofit_" not in param_name:
             p.requires_grad_(False)
@@ -167,13 +173,7 @@ def load_sharded(name: str, d: Dist, dtype: torch.dtype) -> Llama:
     torch.chunk layout) is read from the safetensors files; embeddings, final norm and lm_head are
     read whole. The same checks as Llama.from_pretrained: every tensor present with its shape.
     """
-    from safetensors import SafetensorError, safe_open
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    from torch.distributed.tensor import DTensor
-
-    import gguf_checkpoint
-    if gguf_checkpoint.is_gguf(name):
+    if is_gguf(name):
         raise UsageError(f"--sharding shard reads each rank's rows from safetensors files; {name} is a GGUF file, "
                          f"which is read whole: pass --sharding replicate")
     directory = resolve_model_dir(name)
@@ -338,15 +338,3 @@ def lockstep(model: Llama, d: Dist):
     with torch.no_grad():
         while _any_rank(False, d):
             real(dummy)
-
-
-def evaluate_split(model, tokenizer, task: str, examples: list, d: Dist, **kwargs) -> dict:
-    """eval.evaluate with the examples split across ranks; the same summary and details on every rank."""
-    from eval import evaluate, summarize
-    if d.world == 1 or not examples:
-        return evaluate(model, tokenizer, task, examples, **kwargs)
-    mine = examples[rank_slice(len(examples), d)]
-    with lockstep(model, d):
-        details = evaluate(model, tokenizer, task, mine, **kwargs)["details"] if mine else []
-    details = gather_lists(details, d)
-    return {"summary": summarize(task, details), "details": details}

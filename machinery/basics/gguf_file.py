@@ -1,4 +1,4 @@
-"""llama.cpp's GGUF files as checkpoints: the Llama config, dequantized weights under HF names, the tokenizer.
+"""llama.cpp's GGUF files as plain data: an HF-style config dict, dequantized weights under HF names, a tokenizer.
 
 A GGUF file holds the config as key/value metadata, the weights under llama.cpp's names (often
 quantized), and the tokenizer's vocabulary and merges. Three things differ from an HF checkpoint and
@@ -11,21 +11,20 @@ are undone here:
 
 Only what this code runs exactly is read: architecture "llama", RoPE over the whole head, default or
 linear rope scaling, and byte-level BPE ("gpt2") tokenizers with a pre-tokenizer named in
-PRE_TOKENIZERS. Anything else is refused with a message. The `gguf` package is imported only here,
-only for .gguf files (pip install gguf).
+PRE_TOKENIZERS. Anything else is refused with a GGUFError saying why. The `gguf` package is imported
+only here, only for .gguf files (pip install gguf). This module knows nothing of the model or the
+tokenizer classes: machinery/checkpoints.py builds the model from what it returns, tokenizer.py the
+tokenizer.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers
-
-from atomic import write_atomically, write_text_atomically
-from model import CheckpointError, LlamaConfig
-from tokenizer import HFTokenizersTokenizer, TokenizerError
 
 GGUF_SUFFIX = ".gguf"
 
@@ -49,8 +48,18 @@ _NAME_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "
 PRE_TOKENIZERS = ("smollm", "gpt-2")
 
 
-class GGUFError(CheckpointError):
-    """A GGUF file this code cannot read exactly; the message says why and what to do."""
+class GGUFError(ValueError):
+    """A GGUF file this code cannot read exactly; the message says why and what to do. The loaders
+    (machinery/checkpoints.py, tokenizer.py) report it as their own CheckpointError / TokenizerError."""
+
+
+@dataclass
+class GGUFTokenizer:
+    """A GGUF file's tokenizer as plain data: the `tokenizers` backend and its special token ids."""
+    backend: tokenizers.Tokenizer
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
 
 
 def is_gguf(name) -> bool:
@@ -64,7 +73,7 @@ def open_gguf(path):
     if not path.is_file():
         raise GGUFError(f"no such GGUF file {path}; check the path")
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # optional: only GGUF files need it
     except ImportError:
         raise GGUFError(f"reading {path.name} needs the gguf package: pip install gguf") from None
     try:
@@ -78,8 +87,9 @@ def _meta(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def read_gguf_config(reader):
-    """The LlamaConfig a GGUF file's metadata describes (GGUFError for what this code cannot run)."""
+def read_gguf_config(reader) -> dict:
+    """The config.json dict (HF spelling) a GGUF file's metadata describes (GGUFError for what this code
+    cannot run)."""
     arch = _meta(reader, "general.architecture")
     if arch != "llama":
         raise GGUFError(f"GGUF architecture {arch!r} is not supported (only 'llama'); use the model's "
@@ -104,20 +114,20 @@ def read_gguf_config(reader):
                         "which this loader does not read; use the model's Hugging Face checkpoint")
     tokens = _meta(reader, "tokenizer.ggml.tokens") or []
     names = {t.name for t in reader.tensors}
-    return LlamaConfig(
-        vocab_size=int(_meta(reader, a + "vocab_size", len(tokens))),
-        hidden_size=hidden, intermediate_size=inter, n_layers=n_layers, n_heads=heads,
-        n_kv_heads=int(_meta(reader, a + "attention.head_count_kv", heads)), head_dim=head_dim,
-        rms_norm_eps=float(_meta(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_meta(reader, a + "rope.freq_base", 10000.0)),
-        rope_scaling={"rope_type": "linear", "factor": float(_meta(reader, a + "rope.scaling.factor"))}
+    return {
+        "model_type": "llama", "vocab_size": int(_meta(reader, a + "vocab_size", len(tokens))),
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": n_layers,
+        "num_attention_heads": heads, "num_key_value_heads": int(_meta(reader, a + "attention.head_count_kv", heads)),
+        "head_dim": head_dim, "rms_norm_eps": float(_meta(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_meta(reader, a + "rope.freq_base", 10000.0)),
+        "rope_scaling": {"rope_type": "linear", "factor": float(_meta(reader, a + "rope.scaling.factor"))}
         if scaling == "linear" else None,
-        max_position_embeddings=int(_meta(reader, a + "context_length", 4096)),
-        attention_bias="blk.0.attn_q.bias" in names,
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id"),
-    )
+        "max_position_embeddings": int(_meta(reader, a + "context_length", 4096)),
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
+    }
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -138,12 +148,12 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, pair, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf_tensors(reader, config):
+def read_gguf_tensors(reader, n_heads: int, n_kv_heads: int):
     """Yield (HF name, fp32 tensor) for every tensor, dequantized, with q/k rows in HF's order.
 
     A tensor with no HF counterpart is yielded under its GGUF name, for the loader to report.
     """
-    from gguf import dequantize
+    from gguf import dequantize  # optional: only GGUF files need it
     for t in reader.tensors:
         name = hf_tensor_name(t.name)
         try:
@@ -154,25 +164,25 @@ def read_gguf_tensors(reader, config):
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-moving dimension first
         tensor = torch.from_numpy(array.copy()).float().reshape(shape)
         if name is not None and ".self_attn.q_proj." in name:
-            tensor = unpermute_rows(tensor, config.n_heads)
+            tensor = unpermute_rows(tensor, n_heads)
         elif name is not None and ".self_attn.k_proj." in name:
-            tensor = unpermute_rows(tensor, config.n_kv_heads)
+            tensor = unpermute_rows(tensor, n_kv_heads)
         yield (name or t.name), tensor
 
 
-def gguf_tokenizer(reader, label: str):
+def gguf_tokenizer(reader, label: str) -> GGUFTokenizer:
     """The file's byte-level BPE tokenizer, built as the model's own tokenizer.json builds it."""
     kind, pre = _meta(reader, "tokenizer.ggml.model"), _meta(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2":
-        raise TokenizerError(f"{label}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, "
+        raise GGUFError(f"{label}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, "
                              f"'gpt2'); use the model's Hugging Face tokenizer files")
     if pre not in PRE_TOKENIZERS:
-        raise TokenizerError(f"{label}: GGUF pre-tokenizer {pre!r} is not supported (supported: "
+        raise GGUFError(f"{label}: GGUF pre-tokenizer {pre!r} is not supported (supported: "
                              f"{', '.join(PRE_TOKENIZERS)}); use the model's tokenizer.json")
     tokens, types = _meta(reader, "tokenizer.ggml.tokens"), _meta(reader, "tokenizer.ggml.token_type") or []
     merges = _meta(reader, "tokenizer.ggml.merges")
     if not tokens or not merges:
-        raise TokenizerError(f"{label}: the GGUF file has no tokenizer vocabulary or merges")
+        raise GGUFError(f"{label}: the GGUF file has no tokenizer vocabulary or merges")
     bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)},
                      merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False)
     backend = tokenizers.Tokenizer(bpe)
@@ -185,19 +195,7 @@ def gguf_tokenizer(reader, label: str):
                                 for tok, kind in zip(tokens, types) if kind == 3])
     eos = _meta(reader, "tokenizer.ggml.eos_token_id")
     if eos is None:
-        raise TokenizerError(f"{label}: the GGUF file names no EOS token (tokenizer.ggml.eos_token_id)")
+        raise GGUFError(f"{label}: the GGUF file names no EOS token (tokenizer.ggml.eos_token_id)")
     bos = _meta(reader, "tokenizer.ggml.bos_token_id") if _meta(reader, "tokenizer.ggml.add_bos_token", False) else None
     pad = _meta(reader, "tokenizer.ggml.padding_token_id")
-    return HFTokenizersTokenizer(backend, None if bos is None else int(bos), int(eos), int(eos if pad is None else pad))
-
-
-def write_hf_tokenizer(path, directory: Path) -> None:
-    """Write a GGUF file's tokenizer as tokenizer.json + tokenizer_config.json (an HF checkpoint's files)."""
-    import json
-    tok = gguf_tokenizer(open_gguf(path), Path(path).name)
-    write_atomically(Path(directory) / "tokenizer.json", lambda tmp: tok.backend.save(str(tmp)))
-    token = tok.backend.id_to_token
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": token(tok.eos_id),
-              "pad_token": token(tok.pad_id), "add_bos_token": tok.bos_id is not None,
-              **({"bos_token": token(tok.bos_id)} if tok.bos_id is not None else {})}
-    write_text_atomically(Path(directory) / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    return GGUFTokenizer(backend, None if bos is None else int(bos), int(eos), int(eos if pad is None else pad))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atomic import json_text, write_atomically, write_error
+from machinery.basics.atomic import json_text, write_atomically, write_error
 
 
 class StepLog:
