@@ -17,10 +17,10 @@ import os
 
 from . import clutrr, commonsense, mquake, truthfulqa
 from .common import SPLITS, TASK_INFO, TASKS, DataError, Example, TaskInfo
-from .tokenize import collate, tokenize_ce, tokenize_dpo
+from .tokenize import TrainData, collate, tokenize_ce, tokenize_dpo, tokenize_training_set
 
-__all__ = ["TASKS", "SPLITS", "TASK_INFO", "DataError", "Example", "TaskInfo", "load_examples",
-           "tokenize_ce", "tokenize_dpo", "collate"]
+__all__ = ["TASKS", "SPLITS", "TASK_INFO", "DataError", "Example", "TaskInfo", "TrainData", "load_examples",
+           "tokenize_ce", "tokenize_dpo", "tokenize_training_set", "collate"]
 
 
 def load_examples(task: str, split: str, *, fold: int = 0, data_dir: str | os.PathLike | None = None,

@@ -24,9 +24,11 @@ tokenizer: "Q: ... A:" + '"Puff ..."' ends the prompt in ':' alone but in ':"' t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .common import DataError
+from .common import TASK_INFO, DataError
 
 
 def answer_start(tokenizer, prompt: str, full_ids: list[int]) -> int:
@@ -129,3 +131,45 @@ def collate(batch: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str,
         attention_mask[row, :len(ids)] = 1
         loss_mask[row, :len(ids)] = torch.tensor(mask, dtype=torch.bool)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+@dataclass
+class TrainData:
+    """A task's tokenized training set: (ids, loss_mask) pairs for CE, tokenize_dpo dicts for DPO."""
+    loss: str  # "ce" or "dpo"
+    items: list
+    pad_id: int
+    reference: torch.Tensor | None = None  # DPO: (N, 2) base-model log-probs of chosen, rejected
+
+    def normaliser(self, batch: list[int]) -> int:
+        """What a global batch's loss is averaged over: its answer tokens (CE) or its pairs (DPO)."""
+        if self.loss == "dpo":
+            return len(batch)
+        return max(1, sum(sum(self.items[i][1][1:]) for i in batch))  # 1: a batch of no-answer examples adds 0
+
+    def tokens(self, batch: list[int]) -> int:
+        """Tokens a global batch runs through the model (DPO: chosen and rejected sequences)."""
+        if self.loss == "dpo":
+            return sum(len(self.items[i][f"{side}_input_ids"]) for i in batch for side in ("chosen", "rejected"))
+        return sum(len(self.items[i][0]) for i in batch)
+
+    def sequences(self) -> list[list[int]]:
+        """Every token sequence the model reads in training (both answers of a DPO pair)."""
+        if self.loss == "dpo":
+            return [item[f"{side}_input_ids"] for item in self.items for side in ("chosen", "rejected")]
+        return [ids for ids, _ in self.items]
+
+    def without_answer(self) -> int:
+        """CE examples whose prompt fills the whole cut, so no answer token is left (they add no loss)."""
+        return 0 if self.loss == "dpo" else sum(not any(mask[1:]) for _, mask in self.items)
+
+
+def tokenize_training_set(task: str, examples, tokenizer) -> TrainData:
+    """The training examples of `task` tokenized for its loss (TASK_INFO: CE or DPO, its length limits)."""
+    info = TASK_INFO[task]
+    if info.loss == "ce":
+        items = [tokenize_ce(tokenizer, ex.prompt, ex.answer, max_len=info.max_len) for ex in examples]
+    else:
+        items = [tokenize_dpo(tokenizer, ex.prompt, ex.answer, ex.rejected, max_len=info.max_len,
+                              max_prompt_len=info.max_prompt_len) for ex in examples]
+    return TrainData(info.loss, items, tokenizer.pad_id)

@@ -62,6 +62,8 @@ from model import CheckpointError, Llama, checkpoint_files, hf_name, read_config
 
 SHARDINGS = ("auto", "replicate", "shard")
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
+SHARDING_HELP = ("under torchrun: replicate the frozen base on every device, or shard it with FSDP2; auto "
+                 "replicates when the weights take at most half of one device's memory")
 FIT_FRACTION = 0.5  # auto replicates a base whose weights take at most this share of one device's memory
 
 
@@ -80,9 +82,7 @@ class Dist:
 
 def add_sharding_flag(parser) -> None:
     """Add --sharding {auto,replicate,shard} (see choose_sharding)."""
-    parser.add_argument("--sharding", choices=SHARDINGS, default="auto",
-                        help="under torchrun: replicate the frozen base on every device, or shard it with FSDP2; "
-                             "auto replicates when the weights take at most half of one device's memory")
+    parser.add_argument("--sharding", choices=SHARDINGS, default="auto", help=SHARDING_HELP)
 
 
 def setup_distributed(device_flag: str) -> Dist:

@@ -22,11 +22,13 @@ output directory of train.py and iti.py, and eval.py's results file.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
 import os
 import sys
+from dataclasses import field, fields
 from pathlib import Path
 
 import torch
@@ -113,27 +115,67 @@ def existing_outputs(out: Path, output_files) -> list[str]:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+# The help of each flag every script has, written once (add_common_flags; train.py's TrainConfig).
+MODEL_HELP = "local checkpoint directory, hub id (a merged export too) or .gguf file"
+DATA_DIR_HELP = ("directory laid out like ../shared/datasets (default: $LOFIT_DATA_DIR, else data/splits/ for "
+                 "LoFiT's tasks, the download cache for SIQA/ARC/BoolQ)")
+TOKENIZER_HELP = ("auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), else "
+                  "tokenizer.json; tokenizer.json: read tokenizer.json with the tokenizers library, as the fast "
+                  "tokenizer the original LoFiT pipeline used (for Llama-2, the same ids as SentencePiece on every "
+                  "TruthfulQA, MQuAKE and CLUTRR record)")
+DTYPE_HELP = ("weights' dtype; auto: float32, as the paper (bfloat16 halves the base's memory; LoFiT's "
+              "parameters and edit stay float32)")
+DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
+LIMIT_HELP = "evaluate on the first N test examples only"
+EVAL_BATCH_HELP = "sequences per forward pass without gradients (evaluation, reference, activations)"
+INTERVENTION_HELP = ("stage 2's form: lofit (the paper's bias v; the default), another registered name, or a .py "
+                     "file that registers one (e.g. examples/low_rank.py)")
+INTERVENTION_ARG_HELP = "a setting of the form (value read as JSON, else text), e.g. rank=4"
+
+
 def add_common_flags(parser, *, model_default: str | None = "meta-llama/Llama-2-7b-hf") -> None:
     """The flags every script has, with one name and one meaning each (see the module docstring)."""
     parser.add_argument("--model", default=model_default, required=model_default is None,
-                        help="local checkpoint directory, hub id (a merged export too) or .gguf file"
-                             + (f"; default {model_default}" if model_default else ""))
-    parser.add_argument("--data-dir", help="directory laid out like ../shared/datasets (default: $LOFIT_DATA_DIR, "
-                                           "else data/splits/ for LoFiT's tasks, the download cache for "
-                                           "SIQA/ARC/BoolQ)")
-    parser.add_argument("--tokenizer", choices=BACKENDS, default="auto",
-                        help="auto: SentencePiece on tokenizer.model where it reads it (Meta's reference), "
-                             "else tokenizer.json; tokenizer.json: read tokenizer.json with the tokenizers "
-                             "library, as the fast tokenizer the original LoFiT pipeline used (for Llama-2, "
-                             "the same ids as SentencePiece on every TruthfulQA, MQuAKE and CLUTRR record)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="weights' dtype; auto: float32, as the paper (bfloat16 halves the base's memory; "
-                             "LoFiT's parameters and edit stay float32)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--limit", "--limit-eval", type=int, dest="limit",
-                        help="evaluate on the first N test examples only")
-    parser.add_argument("--eval-batch-size", type=int, default=8,
-                        help="sequences per forward pass without gradients (evaluation, reference, activations)")
+                        help=MODEL_HELP + (f"; default {model_default}" if model_default else ""))
+    parser.add_argument("--data-dir", help=DATA_DIR_HELP)
+    parser.add_argument("--tokenizer", choices=BACKENDS, default="auto", help=TOKENIZER_HELP)
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--limit", "--limit-eval", type=int, dest="limit", help=LIMIT_HELP)
+    parser.add_argument("--eval-batch-size", type=int, default=8, help=EVAL_BATCH_HELP)
+
+
+def flag(default=None, help: str = "", **argparse_options):
+    """A dataclass field that is also a command-line flag: its default, one line of help, and
+    argparse's options (choices, metavar, required, aliases=[...], group=NAME for flags that
+    exclude each other). parse_flags builds the parser from these; the flag list is written once."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+def parse_flags(cls, argv, description: str):
+    """An instance of dataclass `cls` from the command line: one --flag-name per field made with `flag`.
+
+    A field's type decides the flag's: bool is a switch, list[str] repeats (append), int and float
+    are converted; argparse reports a bad value or choice with exit status 2.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    groups = {}
+    for f in fields(cls):
+        options = dict(f.metadata)
+        names = ["--" + f.name.replace("_", "-"), *options.pop("aliases", [])]
+        group = options.pop("group", None)
+        if group and group not in groups:
+            groups[group] = parser.add_mutually_exclusive_group()
+        target = groups[group] if group else parser
+        kind = str(f.type).split(" ")[0].split("[")[0]  # "int | None" -> int, "list[str]" -> list
+        if kind == "bool":
+            options["action"] = "store_true"
+        elif kind == "list":
+            options.update(action="append", default=[])
+        elif kind in ("int", "float"):
+            options["type"] = {"int": int, "float": float}[kind]
+        target.add_argument(*names, dest=f.name, **{"default": f.default, **options})
+    return cls(**vars(parser.parse_args(argv)))
 
 
 # Numeric flags and what they must be, whichever script has them (argparse dest -> rule).
@@ -207,12 +249,10 @@ def check_out_file(out: str | Path, *, overwrite: bool = False) -> None:
 
 def add_intervention_flags(parser, with_settings: bool = True) -> None:
     """Add --intervention (and, for training, --intervention-arg KEY=VALUE, repeatable)."""
-    parser.add_argument("--intervention", default="lofit", metavar="NAME|FILE.py",
-                        help="stage 2's form: lofit (the paper's bias v; the default), another registered name, "
-                             "or a .py file that registers one (e.g. examples/low_rank.py)")
+    parser.add_argument("--intervention", default="lofit", metavar="NAME|FILE.py", help=INTERVENTION_HELP)
     if with_settings:
         parser.add_argument("--intervention-arg", action="append", default=[], metavar="KEY=VALUE",
-                            help="a setting of the form (value read as JSON, else text), e.g. rank=4")
+                            help=INTERVENTION_ARG_HELP)
 
 
 def import_intervention_file(path: str) -> list[str]:

@@ -26,6 +26,15 @@ class StepLog:
             import wandb
             self.wandb = wandb.init(project=project, config=config)
 
+    @staticmethod
+    def wandb_installed() -> bool:
+        """Whether --wandb can work here (wandb is optional: imported only for --wandb PROJECT)."""
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
     def cut(self, lines: int) -> None:
         """Keep the first `lines` lines (the steps a checkpoint holds)."""
         self.lines = lines
