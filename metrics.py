@@ -3,7 +3,8 @@
 eval.py runs the model; this file decides what counts as right. Each rule is LoFiT's (or, for
 SIQA/ARC/BoolQ, LLM-Adapters') as written in ../shared/docs/tasks.md, including its quirks
 (MQuAKE's prediction is not stripped; CLUTRR's is cut at the first "."). tests/test_eval_metrics.py
-checks every rule against hand-worked cases.
+checks every rule against hand-worked cases. At the end: paired statistics for comparing two
+systems on the same questions (bootstrap intervals, exact sign and McNemar tests; tests/test_stats.py).
 """
 from __future__ import annotations
 
