@@ -35,13 +35,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from adapter import TOKENIZER_FILES, AdapterError, load_adapter, read_adapter
-from atomic import json_text, ordinary_mode, write_error
-from cli import UsageError, import_intervention_file, report_error
-from errors import LofitError
+from adapter import TOKENIZER_FILES, AdapterError, export_merged, load_adapter, read_adapter
 from lofit import attentions
-from model import Llama, hf_name
+from machinery.basics.atomic import json_text, ordinary_mode, write_error
+from machinery.basics.gguf_file import is_gguf
+from machinery.basics.hub import resolve_model_dir
+from machinery.checkpoints import load_model
+from machinery.flags import UsageError, import_intervention_file, report_error
+from model import Llama, LofitError, hf_name
 
 FORMATS = ("merged", "peft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,7 +135,6 @@ def sha256_of(path) -> str:
 def base_record(model: str) -> dict:
     """How the export names its base: the hub id or directory as given; for a .gguf file its file name
     (a path would not travel) and its sha256."""
-    from gguf_checkpoint import is_gguf
     if is_gguf(model):
         return {"base_model_name_or_path": Path(model).name, "base_model_sha256": sha256_of(model)}
     return {"base_model_name_or_path": str(model)}
@@ -141,8 +143,6 @@ def base_record(model: str) -> dict:
 def tokenizer_source(model: str):
     """What export_merged copies the tokenizer from: the .gguf file, or the checkpoint directory
     when it holds tokenizer files; None when there are none (a note says so)."""
-    from gguf_checkpoint import is_gguf
-    from hub import resolve_model_dir
     if is_gguf(model):
         return model
     directory = resolve_model_dir(model, need_weights=False)
@@ -159,15 +159,13 @@ def write_export(args, staging: Path) -> Path:
     kind = peft_type(path, tensors, meta) if args.format == "peft" else None
     if args.intervention:
         import_intervention_file(args.intervention)
-    model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    model = load_model(args.model, dtype=DTYPES[args.dtype])
     load_adapter(path, model)
     base = base_record(args.model)
     built = staging / "export"
     if args.format == "merged":
-        from adapter import export_merged
         export_merged(model, built, tokenizer_dir=tokenizer_source(args.model))
     else:
-        from safetensors.torch import save_file
         built.mkdir()
         save_file(peft_tensors(model, kind), str(built / PEFT_FILES[1]), metadata={"format": "pt"})
         config = peft_config(kind, base["base_model_name_or_path"])

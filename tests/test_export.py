@@ -17,9 +17,9 @@ pytest.importorskip("peft", reason="peft (a test-only dependency) is not install
 import export  # noqa: E402
 import lofit  # noqa: E402
 from adapter import save_adapter  # noqa: E402
-from cli import import_intervention_file  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from hf_reference import load_hf, make_checkpoint  # noqa: E402
+from machinery.flags import import_intervention_file  # noqa: E402
 from model import Llama  # noqa: E402
 
 VOCAB = 128
