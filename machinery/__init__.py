@@ -1,0 +1,1 @@
+"""Run machinery: what a run needs before and around training (flags, run directories, processes, memory)."""
