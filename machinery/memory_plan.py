@@ -9,9 +9,13 @@ What one rank holds at the peak of a training step (train.py: micro_batch_loss, 
 - weights: the frozen base in the run's dtype. replicate: all of it. shard (FSDP2, distributed.py
   load_sharded): 1/world of every block tensor's rows (FSDP2's torch.chunk layout), plus the
   replicated embeddings, final norm and lm_head (a tied lm_head counted once).
-- gathered (shard only): unsharded blocks alive at once. FSDP2 all-gathers a block just before it
-  runs and frees it after, while the next block's all-gather is already in flight (forward
-  prefetch, and backward prefetch of the block below): GATHERED_BLOCKS = 2 blocks.
+- gathered (shard only): unsharded block weights alive at once. FSDP2 all-gathers a block just
+  before it runs and frees it after, while the next block's all-gather is already in flight
+  (forward prefetch, and backward prefetch of the block below); an all-gather lands in one flat
+  buffer that is then copied out into the block's parameters, so for a moment the prefetched
+  block is there twice: GATHERED_BLOCKS = 3 blocks (the running one, the next one's flat buffer
+  and its copy). Not measured here (no process group in the tests); issue 26's FSDPMemTracker
+  simulation of 7B/13B/70B agrees with 3 within 2% and not with 2 (docs/gpu.md).
 - lofit: every layer's lofit_A and lofit_v (n_heads, head_dim) in fp32, plus, for the trained
   tensors, their fp32 gradient and AdamW's two fp32 slots (exp_avg, exp_avg_sq). Stage 1 trains
   lofit_A of every layer; stage 2 trains lofit_v of the layers holding one of the K heads (the
@@ -58,7 +62,7 @@ from dataclasses import asdict, dataclass
 
 GiB = 2 ** 30
 FP32 = 4
-GATHERED_BLOCKS = 2  # unsharded blocks alive at once under FSDP2 (the running one and the prefetched one)
+GATHERED_BLOCKS = 3  # unsharded blocks alive at once under FSDP2: the running one, the next one gathered and copied out
 OVERHEAD_GIB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation: stated, not derived
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 SHARDINGS = ("replicate", "shard")
@@ -350,10 +354,11 @@ def plan_memory(config, *, lengths: Lengths, batch: int, micro_batch: int | None
 def choose_fix(config, plan: MemoryPlan, *, k_heads: int | None = None, max_world: int = 64) -> str | None:
     """The cheapest change that makes `plan` fit, as a sentence; None when nothing tried fits.
 
-    Tried in order of cost: bfloat16 (same hardware, coarser base weights; LoFiT stays fp32),
-    sharding the base over the GPUs it already has, a smaller micro-batch (same hardware and
-    result, slower steps), then the fewest more GPUs (2, 4, 8, ...: in the run's dtype, then in
-    bfloat16; replicated, then sharded). Each candidate is a fresh plan_memory.
+    Tried in order of what it gives up, keeping the hardware first: sharding the base over the
+    GPUs the run already has (same numbers up to rounding, more communication), a smaller
+    micro-batch (the same gradient, accumulated over more, slower passes), bfloat16 (a coarser
+    base; LoFiT's parameters stay fp32), then the fewest more GPUs (2, 4, 8, ...: in the run's
+    dtype, then in bfloat16; replicated, then sharded). Each candidate is a fresh plan_memory.
     """
     c = config_from(config)
     base = dict(lengths=plan.lengths, batch=plan.batch, micro_batch=plan.micro_batch, loss=plan.loss,
@@ -370,17 +375,15 @@ def choose_fix(config, plan: MemoryPlan, *, k_heads: int | None = None, max_worl
         return None
 
     bf16 = dtype_bytes(plan.dtype) > 2
-    candidates = []
-    if bf16:
-        candidates.append(({"dtype": "bfloat16"}, "--dtype bfloat16"))
-    if plan.sharding == "replicate" and plan.world > 1:
-        candidates.append(({"sharding": "shard"}, "--sharding shard"))
-    for change, words in candidates:
-        p = attempt(**change)
-        if p.fits:
-            return f"{words} ({p.per_gpu_gib:.1f} GiB per GPU)"
+    if plan.sharding == "replicate" and plan.world > 1 and (p := attempt(sharding="shard")).fits:
+        return f"--sharding shard ({p.per_gpu_gib:.1f} GiB per GPU)"
     if (m := smaller_micro()) is not None:
         return f"--micro-batch-size {m} ({attempt(micro_batch=m).per_gpu_gib:.1f} GiB per GPU)"
+    if bf16:
+        for change in ({}, {"sharding": "shard"} if plan.world > 1 else None):
+            if change is not None and (p := attempt(dtype="bfloat16", **change)).fits:
+                words = "--dtype bfloat16" + (" --sharding shard" if change else "")
+                return f"{words} ({p.per_gpu_gib:.1f} GiB per GPU)"
     dtypes = [plan.dtype] + (["bfloat16"] if bf16 else [])
     for world in [w for w in (2, 4, 8, 16, 32, 64) if plan.world < w <= max_world]:  # the fewest GPUs first
         for dtype in dtypes:
@@ -416,3 +419,40 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(json.dumps(plan.summary(), sort_keys=True))
     return "\n".join(lines)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The table in docs/gpu.md: python -m machinery.memory_plan
+
+
+LLAMA_2 = {  # config.json sizes of Meta's Llama-2 checkpoints
+    "7B": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, n_layers=32, n_heads=32,
+               n_kv_heads=32, head_dim=128),
+    "13B": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, n_layers=40, n_heads=40,
+                n_kv_heads=40, head_dim=128),
+    "70B": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, n_layers=80, n_heads=64,
+                n_kv_heads=8, head_dim=128),
+}
+
+
+def docs_table(lengths: list[tuple[str, Lengths]], batch: int = 8) -> str:
+    """Markdown rows: tensor peak (and with the overhead) per GPU for Llama-2 7B/13B/70B, DPO, batch 8."""
+    from model import LlamaConfig
+    head = "| model | dtype | GPUs, sharding | " + " | ".join(f"plan, {name}: tensors (+ {OVERHEAD_GIB:g} GiB)"
+                                                            for name, _ in lengths) + " |"
+    out = [head, "|" + "---|" * (3 + len(lengths))]
+    for size, shape in LLAMA_2.items():
+        for dtype in ("float32", "bfloat16"):
+            for world, sharding in ((1, "replicate"), (8, "replicate"), (8, "shard")):
+                cells = []
+                for _, length in lengths:
+                    p = plan_memory(LlamaConfig(**shape), lengths=length, batch=batch, loss="dpo", dtype=dtype,
+                                    sharding=sharding, world=world, with_fix=False)
+                    cells.append(f"{p.tensor_gib:.1f} ({p.per_gpu_gib:.1f})")
+                out.append(f"| {size} | {dtype} | {world}, {sharding} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(docs_table([("100 + 100 tokens", Lengths(100, 100)), ("48 + 35 tokens", Lengths(48, 35)),
+                      ("76 + 35 tokens", Lengths(76, 35))]))
