@@ -20,11 +20,11 @@ What one rank holds at the peak of a training step (train.py: micro_batch_loss, 
   tensors, their fp32 gradient and AdamW's two fp32 slots (exp_avg, exp_avg_sq). Stage 1 trains
   lofit_A of every layer; stage 2 trains lofit_v of the layers holding one of the K heads (the
   whole tensor carries state; a gradient hook zeroes the other rows), so stage 1 is the larger.
-- activations: what autograd saves for the backward of one micro-batch, plus the loss's
-  (answer positions x vocab) fp32 buffers, at the moment they peak (backward through log_softmax).
-  Only the LoFiT offsets require gradients, so an op saves only what the gradient of its
-  activation input needs (a frozen Linear saves its weight, which is already counted, and not its
-  input). Per token of a pass through layer l (stage 1; b = bytes of the model dtype):
+- activations: what autograd saves for the backward of one micro-batch, plus what the last
+  pass adds at the step's peak moment. Only the LoFiT offsets require gradients, so an op saves
+  only what the gradient of its activation input needs (a frozen Linear saves its weight, which
+  is already counted, and not its input). Per token of a pass through layer l (stage 1; b =
+  bytes of the model dtype):
     z.float()                   H*hd*4      for lofit_A's gradient (in fp32 it is SDPA's output)
     post_attention_layernorm    D*4 + 4     x in fp32 and its rsqrt
     MLP                         3*I*b       gate_proj(x), up_proj(x) and silu(gate)
@@ -33,15 +33,18 @@ What one rank holds at the peak of a training step (train.py: micro_batch_loss, 
     attention                   q H*hd*b, k and v H_kv*hd*b each (causal, no mask), SDPA's
                                 logsumexp H*4, SDPA's output H*hd*b when the dtype is not fp32
                                 (in fp32 the output is z itself, counted above)
-  once per pass: RoPE cos and sin (2*hd*b); once per micro-batch: the final norm (D*4 + 4) and the
-  loss: with N answer tokens (logits are computed at answer positions only, lofit.
-  answer_token_logprobs), log_softmax's fp32 output (N*V*4) plus, at the peak, the incoming
-  gradient and the outgoing one (2*N*V*4).
+  and once per pass RoPE's cos and sin (2*hd*b). On top, the largest of (peak_over_saved): the
+  loss's backward (final norm, plus 3*N*V*4 for N answer tokens: logits are computed at answer
+  positions only, lofit.answer_token_logprobs), its forward (2*N*V*4 plus DPO's KV cache), the
+  final norm's backward (fp32 gradients, 5*D*4 per token) or the last MLP's backward (3*I*b +
+  2*D*b per token).
   DPO with a replicated base runs each pair's prompt once (lofit.pair_answer_logprobs): a prefix
-  pass of r rows x prompt tokens, then a suffix pass of 2r rows x answer tokens on top of the
-  KV cache; the suffix pass attends with a mask, so SDPA saves k and v over prompt + answer keys
-  (repeated to all n_heads when n_kv_heads < n_heads), plus the mask as a float (T x keys), and
-  the cache itself stays alive until the loss (layer 0's always, the others' when repeated).
+  pass of r rows x (prompt - 1) tokens, whose hidden states are dropped (its last layer keeps
+  only input_layernorm's tensors; its k and v live on in the cache), then a suffix pass of 2r
+  rows x (answer + 1) tokens on top of the cache; the suffix pass attends with a mask, so SDPA
+  saves k and v over prompt + answer keys (repeated to all n_heads when n_kv_heads < n_heads)
+  and the mask as a float (T x keys), and the cache stays alive until the loss has been computed
+  (layer 0's always, the others' too when SDPA saved repeated copies).
   A sharded base runs the 2r full sequences in one causal pass (an FSDP2 block cannot run twice
   before one backward). CE runs r full sequences.
   Each row is counted at the longest prompt and the longest answer (padding to the batch's
@@ -403,7 +406,7 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.sharding == "shard":
         rows.append((f"gathered blocks ({GATHERED_BLOCKS} unsharded)", plan.gathered_gib))
     rows += [("LoFiT parameters, gradients, AdamW state (fp32)", plan.lofit_gib),
-             (f"activations ({plan.micro_batch} {'pairs' if plan.loss == 'dpo' else 'examples'} per micro-batch, "
+             (f"activations ({plan.micro_batch} {'pair' if plan.loss == 'dpo' else 'example'}(s) per micro-batch, "
               f"prompt {plan.lengths.prompt} + answer {plan.lengths.answer} tokens)", plan.activations_gib),
              ("fixed overhead (CUDA context, NCCL, allocator)", plan.overhead_gib)]
     width = max(len(name) for name, _ in rows)
