@@ -3,7 +3,10 @@
 #
 #   bash benchmarks/gpu_smoke.sh            # on a machine with a GPU (needs ../shared beside the repo)
 #   bash benchmarks/gpu_smoke.sh --cpu      # the same steps on the CPU (gloo), as the test suite runs it
+#   PYTHON=/path/to/venv/bin/python bash benchmarks/gpu_smoke.sh   # the interpreter: $PYTHON, else python3 on PATH
 #
+# With 2 or more GPUs visible it also trains step 6's run with 2 NCCL processes (FSDP2 across two
+# GPUs) and checks it gives run 1's adapter; with fewer, and with --cpu, it says it skipped that.
 # Uses stories260K (tiny, real) for the training and evaluation paths, so the numbers mean nothing;
 # what matters is that each path runs and agrees with its twin:
 #   1. train.py TruthfulQA (DPO) in float32        5. eval.py MQuAKE: generation, bf16-trained adapter
@@ -13,6 +16,11 @@
 # Any failed step stops the script with a non-zero status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-$(command -v python3 || command -v python || true)}"
+if [[ -z "$PY" ]]; then
+  echo "error: no python3 on PATH; set PYTHON to the interpreter of the project's environment" >&2
+  exit 2
+fi
 
 DEVICE=cuda
 BENCH=(--gpu-model 7b)
@@ -20,7 +28,7 @@ if [[ "${1:-}" == "--cpu" ]]; then
   DEVICE=cpu
   BENCH=(--gpu-model tiny --gpu-batch 2 --gpu-seq 64 --repeats 1)
   export OMP_NUM_THREADS=1
-elif ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+elif ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "error: no CUDA device is visible to torch; run with --cpu for the dry run" >&2
   exit 2
 fi
@@ -35,7 +43,7 @@ started=$SECONDS
 checked() { echo "checked ($((SECONDS - started)) s): $*"; }
 
 same_adapters() {  # same_adapters A B TOLERANCE: the two adapter files hold the same heads and vectors
-  python - "$@" <<'EOF'
+  "$PY" - "$@" <<'EOF'
 import sys
 import torch
 from safetensors.torch import load_file
@@ -49,7 +57,7 @@ EOF
 }
 
 json_field() {  # json_field FILE EXPRESSIONS: print values of a JSON file (d is the document)
-  python -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1"
+  "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1"
 }
 
 expect() {  # expect FILE EXPRESSIONS WANTED: stop unless json_field prints WANTED
@@ -58,24 +66,24 @@ expect() {  # expect FILE EXPRESSIONS WANTED: stop unless json_field prints WANT
   [[ "$got" == "$3" ]] || { echo "error: $1: $2 is '$got', expected '$3'" >&2; exit 1; }
 }
 
-python train.py --task truthfulqa --dtype float32 --out "$OUT/tqa" "${TRAIN[@]}" > "$OUT/tqa.log"
+"$PY" train.py --task truthfulqa --dtype float32 --out "$OUT/tqa" "${TRAIN[@]}" > "$OUT/tqa.log"
 expect "$OUT/tqa/config.json" "d['resolved']['dtype'], d['device']" "float32 $DEVICE"
 checked "1. train.py truthfulqa (DPO, reference pass, MC scoring) in float32 on $DEVICE"
 
-python train.py --task mquake --dtype bfloat16 --out "$OUT/mq" "${TRAIN[@]}" > "$OUT/mq.log"
+"$PY" train.py --task mquake --dtype bfloat16 --out "$OUT/mq" "${TRAIN[@]}" > "$OUT/mq.log"
 expect "$OUT/mq/config.json" "d['resolved']['dtype']" bfloat16
 checked "2. train.py mquake (CE, greedy generation) in bfloat16, LoFiT in float32"
 
-python train.py --task mquake --dtype bfloat16 --out "$OUT/mq_resumed" --stop-after 1 "${TRAIN[@]}" > "$OUT/stop.log"
-python train.py --task mquake --dtype bfloat16 --out "$OUT/mq_resumed" --resume "${TRAIN[@]}" > "$OUT/resume.log"
+"$PY" train.py --task mquake --dtype bfloat16 --out "$OUT/mq_resumed" --stop-after 1 "${TRAIN[@]}" > "$OUT/stop.log"
+"$PY" train.py --task mquake --dtype bfloat16 --out "$OUT/mq_resumed" --resume "${TRAIN[@]}" > "$OUT/resume.log"
 same_adapters "$OUT/mq/adapter.safetensors" "$OUT/mq_resumed/adapter.safetensors" 1e-5
 checked "3. --stop-after 1 then --resume gives run 2's adapter"
 
 EVAL=(--model "$MODEL" --data-dir "$SHARED/datasets" --device "$DEVICE" --limit 4 --eval-batch-size 2 --quiet)
-python eval.py --task truthfulqa --adapter "$OUT/tqa/adapter.safetensors" --out "$OUT/cached.json" "${EVAL[@]}" > /dev/null
-python eval.py --task truthfulqa --adapter "$OUT/tqa/adapter.safetensors" --out "$OUT/full.json" --no-prefix-cache \
+"$PY" eval.py --task truthfulqa --adapter "$OUT/tqa/adapter.safetensors" --out "$OUT/cached.json" "${EVAL[@]}" > /dev/null
+"$PY" eval.py --task truthfulqa --adapter "$OUT/tqa/adapter.safetensors" --out "$OUT/full.json" --no-prefix-cache \
   "${EVAL[@]}" > /dev/null
-python - "$OUT/cached.json" "$OUT/full.json" <<'EOF'
+"$PY" - "$OUT/cached.json" "$OUT/full.json" <<'EOF'
 import json, sys
 cached, full = (json.load(open(p)) for p in sys.argv[1:])
 scores = lambda r: [c["score"] for d in r["details"] for c in d["true"] + d["false"]]
@@ -84,17 +92,31 @@ assert len(scores(cached)) == len(scores(full)) and worst < 1e-3, worst
 EOF
 checked "4. eval.py truthfulqa: prefix-cached scores == full-prompt scores (float32)"
 
-python eval.py --task mquake --adapter "$OUT/mq/adapter.safetensors" --out "$OUT/gen.json" "${EVAL[@]}" > /dev/null
+"$PY" eval.py --task mquake --adapter "$OUT/mq/adapter.safetensors" --out "$OUT/gen.json" "${EVAL[@]}" > /dev/null
 expect "$OUT/gen.json" "d['summary']['n'], d['config']['dtype']" "4 float32"
 checked "5. eval.py mquake: batched greedy generation with a KV cache, bf16-trained adapter scored in float32"
 
-python -m torch.distributed.run --standalone --nproc_per_node 1 train.py --task truthfulqa --dtype float32 \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train.py --task truthfulqa --dtype float32 \
   --sharding shard --out "$OUT/tqa_fsdp" "${TRAIN[@]}" > "$OUT/fsdp.log"
 expect "$OUT/tqa_fsdp/config.json" "d['sharding']['choice'], d['world_size']" "shard 1"
 same_adapters "$OUT/tqa/adapter.safetensors" "$OUT/tqa_fsdp/adapter.safetensors" 1e-4
 checked "6. torchrun, one $([[ $DEVICE == cuda ]] && echo NCCL || echo gloo) rank, FSDP2-sharded base: run 1's adapter"
 
-python benchmarks/bench.py --only gpu --device "$DEVICE" "${BENCH[@]}" --out "$OUT/bench.json" > "$OUT/bench.log"
+GPUS=0
+[[ $DEVICE == cuda ]] && GPUS="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
+if (( GPUS >= 2 )); then
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 train.py --task truthfulqa --dtype float32 \
+    --sharding shard --out "$OUT/tqa_fsdp2" "${TRAIN[@]}" > "$OUT/fsdp2.log"
+  expect "$OUT/tqa_fsdp2/config.json" "d['sharding']['choice'], d['world_size']" "shard 2"
+  same_adapters "$OUT/tqa/adapter.safetensors" "$OUT/tqa_fsdp2/adapter.safetensors" 1e-4
+  echo "also checked ($((SECONDS - started)) s): torchrun, two NCCL ranks on two GPUs, FSDP2-sharded base: run 1's adapter"
+elif [[ $DEVICE == cuda ]]; then
+  echo "skipped: the two-process NCCL step needs 2 GPUs; $GPUS is visible"
+else
+  echo "skipped: the two-process NCCL step (needs 2 GPUs; two gloo processes are in tests/test_train_distributed.py)"
+fi
+
+"$PY" benchmarks/bench.py --only gpu --device "$DEVICE" "${BENCH[@]}" --out "$OUT/bench.json" > "$OUT/bench.log"
 json_field "$OUT/bench.json" "d['markdown']"
 checked "7. benchmarks/bench.py gpu section (${BENCH[*]})"
 echo "gpu_smoke: all 7 steps passed on $DEVICE in $((SECONDS - started)) s"
