@@ -26,7 +26,6 @@ from tqdm import tqdm
 from adapter import load_adapter
 from data import TASK_INFO, TASKS, Example, load_examples
 from lofit import INTERVENTIONS, answer_logprobs
-from machinery.basics.atomic import WriteError, json_text, remove_temporaries, write_json_atomically
 from machinery.checkpoints import read_model_config
 from machinery.distributed import (
     Dist,
@@ -52,6 +51,7 @@ from machinery.flags import (
 )
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 from model import KVCache, Llama, LofitError
+from storage.atomic import WriteError, json_text, remove_temporaries, write_json_atomically
 from tokenizer import load_tokenizer
 
 

@@ -39,12 +39,12 @@ from safetensors.torch import save_file
 
 from adapter import TOKENIZER_FILES, AdapterError, export_merged, load_adapter, read_adapter
 from lofit import attentions
-from machinery.basics.atomic import json_text, ordinary_mode, write_error
-from machinery.basics.gguf_file import is_gguf
-from machinery.basics.hub import resolve_model_dir
 from machinery.checkpoints import load_model
 from machinery.flags import UsageError, import_intervention_file, report_error
 from model import Llama, LofitError, hf_name
+from storage.atomic import json_text, ordinary_mode, write_error
+from storage.gguf_file import is_gguf
+from storage.hub import resolve_model_dir
 
 FORMATS = ("merged", "peft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -57,7 +57,6 @@ from lofit import (
     select_heads,
 )
 from machinery import rundir
-from machinery.basics.atomic import reported_write, write_json_atomically
 from machinery.checkpoints import load_model
 from machinery.flags import (
     UsageError,
@@ -70,6 +69,7 @@ from machinery.flags import (
 )
 from machinery.heads_file import write_heads_file
 from model import LofitError
+from storage.atomic import reported_write, write_json_atomically
 from tokenizer import load_tokenizer
 
 PROMPT = "Q: {question} A: {answer}"

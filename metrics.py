@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 
 def mc_metrics(scores_true: list[float], scores_false: list[float], score_best: float) -> dict:
     """TruthfulQA MC1, MC2, MC3 of one question from its candidates' summed log-probs.
@@ -115,7 +117,6 @@ def _bootstrap(columns: list[list[float]], n_resamples: int, seed: int, confiden
     is the (1 - confidence) / 2 and (1 + confidence) / 2 quantiles of the resampled means, linearly
     interpolated (torch.quantile's default, as numpy.percentile's).
     """
-    import torch
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_resamples < 1:

@@ -23,9 +23,9 @@ from pathlib import Path
 import sentencepiece
 import tokenizers
 
-from machinery.basics import gguf_file
-from machinery.basics.hub import resolve_model_dir
 from model import LofitError
+from storage import gguf_file
+from storage.hub import resolve_model_dir
 
 
 class TokenizerError(LofitError, ValueError):
@@ -131,7 +131,7 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
 
     Args:
         path_or_repo_id: local checkpoint directory, Hugging Face repo id (see ``hub.resolve_model_dir``),
-            or a llama.cpp .gguf file (its vocabulary and merges, see machinery/basics/gguf_file.py).
+            or a llama.cpp .gguf file (its vocabulary and merges, see storage/gguf_file.py).
         token: optional hub token for gated or private repos.
         backend: "auto" (SentencePiece if it can read ``tokenizer.model``, else ``tokenizer.json``),
             or "sentencepiece" / "tokenizer.json" to insist on one.

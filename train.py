@@ -35,13 +35,13 @@ from data import TASK_INFO, TASKS, TrainData, collate, load_examples, tokenize_t
 from eval import evaluate_split, warn_beyond_context
 from iti import fit_iti
 from machinery import distributed, flags, rundir, train_state
-from machinery.basics.atomic import WriteError, reported_write, write_json_atomically
 from machinery.checkpoints import read_model_config
 from machinery.distributed import Dist, close_distributed, load_model, rank_share
 from machinery.flags import UsageError, flag
 from machinery.heads_file import heads_file_source, plot_heads, random_ranking, read_heads_file, write_heads_file
 from machinery.runlog import StepLog
 from model import LofitError
+from storage.atomic import WriteError, reported_write, write_json_atomically
 from tokenizer import BACKENDS, load_tokenizer
 
 OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "metrics.jsonl",

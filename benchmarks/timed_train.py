@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from machinery.basics.atomic import write_text_atomically  # noqa: E402  (after the sys.path line above)
+from storage.atomic import write_text_atomically  # noqa: E402  (after the sys.path line above)
 
 
 def reset_peak_rss() -> None:

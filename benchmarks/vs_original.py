@@ -175,7 +175,7 @@ CONVERT_GGUF = """import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from adapter import export_merged
-from machinery.basics.gguf_file import _meta, open_gguf
+from storage.gguf_file import _meta, open_gguf
 from machinery.checkpoints import load_model
 gguf, out = sys.argv[1], Path(sys.argv[2])
 export_merged(load_model(gguf), out, tokenizer_dir=gguf)  # fp32, HF names, tokenizer.json
@@ -220,7 +220,7 @@ def converted_gguf(cache: Path, gguf: Path) -> Path:
 
 def reduced_data(cache: Path, sizes: dict, source: Path = SHARED / "datasets") -> Path | None:
     """Copies of fold 0's split files (in source) cut to their first sizes[split] questions; None for all of them."""
-    from machinery.basics.atomic import write_bytes_atomically
+    from storage.atomic import write_bytes_atomically
     if all(sizes[s] == FULL_SIZES[s] for s in SPLITS):
         return None
     out = cache / "data" / "-".join(f"{s}{sizes[s]}" for s in SPLITS)
@@ -700,7 +700,7 @@ def write_out(args, hp, results) -> str:
     if args.out:
         import torch
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from machinery.basics.atomic import write_text_atomically
+        from storage.atomic import write_text_atomically
         write_text_atomically(args.out, json.dumps({
             "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"), "hparams": hp,

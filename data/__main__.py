@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from machinery.basics.atomic import WriteError, write_text_atomically
+from storage.atomic import WriteError, write_text_atomically
 
 from . import SPLITS, TASKS, DataError, load_examples
 

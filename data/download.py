@@ -25,7 +25,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from machinery.basics.atomic import write_bytes_atomically
+from storage.atomic import write_bytes_atomically
 
 from .common import DataError
 from .files import BUNDLED_DIR, FILES, DataFile

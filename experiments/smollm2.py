@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from machinery.basics.atomic import write_atomically, write_json_atomically  # noqa: E402
+from storage.atomic import write_atomically, write_json_atomically  # noqa: E402
 
 GGUF = ROOT.parent / "shared" / "weights" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASKS = ("truthfulqa:0", "truthfulqa:1", "mquake", "clutrr")

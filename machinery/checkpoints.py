@@ -2,8 +2,8 @@
 
 model.py reads one format, a local Hugging Face directory (`Llama.from_pretrained`). The commands
 take any of the three names; this module turns each into what model.py reads: a hub id into its
-downloaded directory (basics/hub.py), a GGUF file into a config and HF-named tensors
-(basics/gguf_file.py), both handed to `Llama.from_tensors`.
+downloaded directory (storage/hub.py), a GGUF file into a config and HF-named tensors
+(storage/gguf_file.py), both handed to `Llama.from_tensors`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from machinery.basics import gguf_file
-from machinery.basics.hub import resolve_model_dir
 from model import CheckpointError, Llama, LlamaConfig, check_config_values, read_config
+from storage import gguf_file
+from storage.hub import resolve_model_dir
 
 
 def load_model(name, dtype: torch.dtype = torch.float32, device="cpu", token: str | None = None,

@@ -54,11 +54,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from machinery.basics.gguf_file import is_gguf
-from machinery.basics.hub import resolve_model_dir
 from machinery.checkpoints import load_model as load_checkpoint
 from machinery.flags import UsageError, resolve_device
 from model import CheckpointError, Llama, checkpoint_files, hf_name, read_config, rope_inv_freq
+from storage.gguf_file import is_gguf
+from storage.hub import resolve_model_dir
 
 SHARDINGS = ("auto", "replicate", "shard")
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)

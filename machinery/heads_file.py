@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from machinery.basics.atomic import write_atomically, write_json_atomically
 from machinery.flags import UsageError
+from storage.atomic import write_atomically, write_json_atomically
 
 
 def write_heads_file(path: Path, ranking, selected, *, task: str, model: str, source: str, config) -> None:

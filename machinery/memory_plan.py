@@ -161,7 +161,6 @@ class MemoryPlan:
 def config_from(config):
     """A model.LlamaConfig from one, or from a Hugging Face config.json dict."""
     if isinstance(config, dict):
-        from model import LlamaConfig
         return LlamaConfig.from_hf(config)
     return config
 

@@ -36,8 +36,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from machinery.basics.atomic import WriteError, remove_temporaries, write_error, write_json_atomically
 from machinery.flags import UsageError
+from storage.atomic import WriteError, remove_temporaries, write_error, write_json_atomically
 
 LOCK = ".lock"
 MARKER = ".unfinished.json"

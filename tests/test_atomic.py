@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from machinery.basics.atomic import ordinary_mode, write_atomically, write_json_atomically
+from storage.atomic import ordinary_mode, write_atomically, write_json_atomically
 
 
 def mode(path):

@@ -88,8 +88,8 @@ def test_every_user_error_is_a_lofit_error():
     import data
     import model
     import tokenizer
-    from machinery.basics import hub
     from model import LofitError
+    from storage import hub
     for error in (cli.UsageError, data.DataError, hub.HubError, model.CheckpointError, tokenizer.TokenizerError,
                   adapter.AdapterError):
         assert issubclass(error, LofitError)

@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects, hf_raise_for_status, validate_repo_id
 
-from machinery.basics import hub
+from storage import hub
 
 # huggingface_hub >= 1.0 raises its HTTP errors from httpx2 responses (it depends on httpx2).
 httpx2 = pytest.importorskip("httpx2", reason="needs the huggingface_hub >= 1.0 HTTP client (httpx2)")

@@ -26,7 +26,7 @@ import train
 from conftest import ROOT, SPLITS_DIR, STORIES260K
 from machinery import heads_file as heads
 from machinery import rundir
-from machinery.basics import atomic
+from storage import atomic
 
 QUICK = ["--stage", "1", "--epochs", "2"]  # stage 1 only: a finished run in about a second
 

@@ -29,7 +29,7 @@ import sentencepiece
 import torch
 
 from conftest import SPLITS_DIR, STORIES260K, shared_path
-from machinery.basics import hub
+from storage import hub
 from tokenizer import HFTokenizersTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer
 
 VARIED_TEXTS = [
