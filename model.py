@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -221,6 +222,24 @@ class KVCache:
         return out
 
 
+class EditContext(NamedTuple):
+    """What an installed form's edit sees besides z (lofit.Intervention.edit), for T new tokens of B rows.
+
+    Built once per forward (Llama.hidden_states), with `layer` filled in per layer, and the same in
+    training (ce_loss, DPO's prefix and suffix passes), TruthfulQA scoring on the prefix cache,
+    generation (the prefill and each decode step) and a plain forward. Columns count the whole
+    sequence, cached past included: column c of a row is attention_mask[:, c], and the new tokens
+    are columns past .. past + T - 1.
+    """
+    attention_mask: torch.Tensor | None  # (B, past + T), 1 on real tokens; None: every token is real
+    positions: torch.Tensor  # (B, T) rotary positions of the new tokens (real tokens counted)
+    answer_start: torch.Tensor | None  # (B,) column of each row's first answer token, -1 where unknown;
+    #                                    None where unknown for every row (a plain forward)
+    past: int  # cached positions before the new tokens
+    layer: int  # this attention's layer index
+    training: bool  # the model's training flag (dropout-like behaviour: sampled gates, ...)
+
+
 class Attention(nn.Module):
     """Multi-head (grouped-query) attention, where LoFiT edits each head's output.
 
@@ -244,9 +263,10 @@ class Attention(nn.Module):
         self.lofit_A = nn.Parameter(torch.zeros(self.n_heads, hd))  # per-head scale offset
         self.lofit_v = nn.Parameter(torch.zeros(self.n_heads, hd))  # per-head bias offset
         self.lofit_enabled = True
-        self.lofit_edit = None  # another form's edit, (attn, z) -> z; set by lofit.install
+        self.lofit_edit = None  # another form's edit, (attn, z, ctx) -> z; set by lofit.install
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0,
+                ctx: EditContext | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
@@ -262,18 +282,21 @@ class Attention(nn.Module):
                                            enable_gqa=groups > 1 and mask is None)  # (B, H, T, hd)
         z = z.transpose(1, 2)  # (B, T, H, hd): z[:, :, h] is head h's output
         if self.lofit_enabled:
-            z = self.intervene(z)  # LoFiT: the per-head edit of the head outputs
+            z = self.intervene(z, ctx, layer)  # LoFiT: the per-head edit of the head outputs
         return self.o_proj(z.reshape(B, T, self.n_heads * self.head_dim))
 
-    def intervene(self, z: torch.Tensor) -> torch.Tensor:
+    def intervene(self, z: torch.Tensor, ctx: EditContext | None = None, layer: int = 0) -> torch.Tensor:
         """z (B, T, H, hd) edited per head: LoFiT's scale and bias, then any installed form's edit.
+
+        The form's edit gets `ctx` (EditContext) with this layer's index; LoFiT's own arithmetic ignores it.
 
         Computed in fp32 (the lofit_* parameters are fp32) whatever the model's dtype, since in
         bf16 1 + 1e-3 == 1; the result is rounded once to z's dtype for o_proj.
         """
         edited = (1 + self.lofit_A) * z.float() + self.lofit_v  # LoFiT: per-head scale and bias, (H, hd) broadcast
         if self.lofit_edit is not None:
-            edited = self.lofit_edit(self, edited)  # LoFiT: another form's edit (lofit.install), e.g. examples/
+            ctx = ctx._replace(layer=layer) if ctx is not None else None
+            edited = self.lofit_edit(self, edited, ctx)  # LoFiT: another form's edit (lofit.install), e.g. examples/
         return edited.to(z.dtype)
 
 
@@ -301,8 +324,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0, ctx: EditContext | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -323,16 +346,20 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.source = None  # where the weights came from (a path or hub id), set by from_pretrained
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                answer_start: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T).
 
         attention_mask: (B, T_past + T) with 1 for real tokens and 0 for padding (left or right);
         positions count real tokens only, so a padded row gives the same logits as the unpadded one.
         cache: a KVCache holding the past positions; it is extended in place.
+        answer_start: (B,) column of each row's first answer token (-1: unknown), passed to an
+        installed form's edit (EditContext); None, as in a plain forward, says unknown for every row.
         """
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache, answer_start))
 
-    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                      answer_start: torch.Tensor | None = None) -> torch.Tensor:
         """The final normed hidden states (B, T, hidden); `lm_head` on them gives the logits.
 
         Callers that need logits at a few positions only (a loss on answer tokens, the last token
@@ -345,8 +372,9 @@ class Llama(nn.Module):
         if self.config.model_type == "gemma":  # Gemma: scale embeddings by sqrt(hidden), in the model dtype
             x = x * torch.tensor(self.config.hidden_size ** 0.5, device=x.device).to(x.dtype)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, T, hd) each
+        ctx = EditContext(attention_mask, positions, answer_start, past, 0, self.training)  # LoFiT: for a form's edit
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            x = block(x, cos, sin, mask, cache, i, ctx)
         return self.norm(x)
 
     # ------------------------------------------------------------------------------------------
@@ -442,8 +470,9 @@ class Llama(nn.Module):
         cache, out = KVCache(), []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         step_ids = input_ids
+        answer_start = torch.full((B,), input_ids.shape[1], device=input_ids.device)  # the answer follows the prompt
         for _ in range(max_new_tokens):
-            h = self.hidden_states(step_ids, attention_mask, cache)[:, -1]  # (B, hidden): last position only
+            h = self.hidden_states(step_ids, attention_mask, cache, answer_start)[:, -1]  # (B, hidden): last position
             logits = self.lm_head(h).float()  # (B, vocab)
             next_id = sample(logits, temperature, top_p, generator)  # (B,)
             next_id = torch.where(done, torch.full_like(next_id, pad_id), next_id)
