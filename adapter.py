@@ -35,6 +35,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from lofit import (
+    INTERVENTIONS,
     LoFiT,
     attentions,
     check_heads,
@@ -93,7 +94,16 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
     heads = every if heads is None else check_heads(model, heads)
     attns = attentions(model)
     form = intervention_of(model)
-    lofit_only = isinstance(form, LoFiT)
+    lofit_only = type(form) is LoFiT  # a subclass is another form: its file records it
+    if INTERVENTIONS.get(form.name) is not type(form):
+        raise AdapterError(f"the installed form {type(form).__name__} is not the registered form named "
+                           f"{form.name!r}, so its adapter could not be loaded back; register it (@lofit.register) "
+                           f"under a name of its own")
+    for layer, attn in enumerate(attns):  # a trained row must be a saved row
+        for name, (_, rows) in getattr(attn, "lofit_masks", {}).items():
+            if outside := [h for h in rows if (layer, h) not in set(heads)]:
+                raise AdapterError(f"{name} of layer {layer} is trained on heads {outside[:5]} that are not among "
+                                   f"the heads to save; {path} was not written (save the trained heads)")
     tensors = {"heads": torch.tensor(heads, dtype=torch.int64).reshape(-1, 2)}
     for name, p in offset_parameters(attns[0]).items():
         if p.dim() == 0 or p.shape[0] != n_heads:

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -30,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import collate
-from model import KVCache
+from model import EditContext, KVCache, LofitError
 
 
 class HeadScore(NamedTuple):
@@ -58,12 +61,18 @@ def answer_token_logprobs(model, input_ids, attention_mask, loss_mask, cache=Non
     Returns:
         (rows, logp): the batch row (N,) of each loss token and its log-probability (N,) in fp32.
     """
-    hidden = model.hidden_states(input_ids, attention_mask, cache)  # (B, T, D)
+    hidden = model.hidden_states(input_ids, attention_mask, cache, answer_start(loss_mask, cache))  # (B, T, D)
     predicts = loss_mask[:, 1:].bool()  # (B, T-1): position t predicts token t + 1
     rows, cols = predicts.nonzero(as_tuple=True)  # (N,) each
     logits = model.lm_head(hidden[rows, cols]).float()  # (N, V)
     targets = input_ids[rows, cols + 1]  # (N,)
     return rows, -F.cross_entropy(logits, targets, reduction="none")  # (N,)
+
+
+def answer_start(loss_mask, cache=None) -> torch.Tensor:
+    """(B,) each row's first loss column counted over the cached past too (EditContext.answer_start), -1 if none."""
+    first = loss_mask.int().argmax(dim=1) + (len(cache) if cache is not None else 0)  # (B,)
+    return torch.where(loss_mask.any(dim=1), first, -1)
 
 
 def answer_logprobs(model, input_ids, attention_mask, loss_mask, cache=None) -> torch.Tensor:
@@ -111,7 +120,8 @@ def pair_answer_logprobs(model, pairs: list[dict], pad_id: int, device="cpu", sh
          for side in ("chosen", "rejected") for n, pair in suffixes])
     prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
     cache = KVCache()
-    model.hidden_states(prefix_ids, prefix_mask, cache)  # fills the cache: per layer (n, H_kv, P, hd)
+    starts = answer_start(loss_mask[:len(pairs)]) + prefix_ids.shape[1]  # the suffix pass's columns (past P)
+    model.hidden_states(prefix_ids, prefix_mask, cache, starts.to(device))  # fills the cache: (n, H_kv, P, hd)
     cache.layers = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in cache.layers]  # (2n, H_kv, P, hd)
     attention_mask = torch.cat([prefix_mask.repeat(2, 1), suffix_mask.to(device)], dim=1)  # (2n, P + S)
     logp = answer_logprobs(model, suffix_ids.to(device), attention_mask, loss_mask.to(device), cache)  # (2n,)
@@ -245,7 +255,31 @@ def setup_stage2(model, heads, init_std: float = 1e-3, generator: torch.Generato
     form = install(model, intervention) if intervention is not None else intervention_of(model)
     _freeze_base(model)
     reset_offsets(model)
-    return form.setup(model, heads, init_std, generator)
+    with _form_code(form, "setup"):
+        params = form.setup(model, heads, init_std, generator)
+    check_trained_rows(model, heads, form.name)
+    return params
+
+
+def check_trained_rows(model, heads, who: str = "the form") -> None:
+    """Refuse trainable lofit_* parameters outside `heads`: a row trained there would not be saved.
+
+    Every trainable offset must be masked (train_rows) to rows of heads in `heads`.
+
+    Raises:
+        FormError: naming the parameter, the layer and the heads outside `heads`.
+    """
+    chosen = set(heads)
+    for layer, attn in enumerate(attentions(model)):
+        masks = getattr(attn, "lofit_masks", {})
+        for name, p in offset_parameters(attn).items():
+            if not p.requires_grad:
+                continue
+            rows = masks[name][1] if name in masks else range(attn.n_heads)
+            if outside := [h for h in rows if (layer, h) not in chosen]:
+                raise FormError(f"{who} trains {name} of layer {layer} on heads {outside[:5]} outside the "
+                                f"selected ones, which the adapter would not hold; make rows trainable with "
+                                f"lofit.train_rows(attn, name, rows) on the selected heads only")
 
 def _normal(shape, std: float, generator, like: torch.Tensor) -> torch.Tensor:
     """N(0, std) draws made on the CPU in fp32 (reproducible anywhere), cast like `like`."""
@@ -343,30 +377,59 @@ def trainable_count(model) -> int:
 
 # Interventions: what stage 2 trains on the selected heads
 
+
+class FormError(LofitError, ValueError):
+    """A form's own code failed (its setup, edit or merge raised): one line naming the form and the method.
+
+    LOFIT_DEBUG=1 in the environment lets the original exception through instead, with its traceback.
+    """
+
+
+def _form_failed(form, method: str, error: Exception) -> Exception:
+    """The exception to raise for `error` from form.<method>: a FormError, or `error` itself under LOFIT_DEBUG."""
+    if isinstance(error, LofitError) or os.environ.get("LOFIT_DEBUG", "") not in ("", "0"):
+        return error
+    return FormError(f"the {form.name} intervention's {method} failed ({type(error).__name__}: {error}); "
+                     f"run with LOFIT_DEBUG=1 for the traceback")
+
+
+@contextlib.contextmanager
+def _form_code(form, method: str):
+    """Run a form's own method, turning any exception into FormError (see _form_failed)."""
+    try:
+        yield
+    except Exception as e:
+        raise _form_failed(form, method, e) from None
+
+
 class Intervention:
     """One form of per-head edit of z (head h's output: its slice of o_proj's input), for stage 2.
 
-    A form is a dataclass (its fields are its hyperparameters; they travel in the adapter file) that
-    supplies:
+    A form is a dataclass (its fields are its hyperparameters, each an int, float, bool or str; they
+    travel in the adapter file and are type-checked from the field types) that supplies:
     - `parameters(config)`: the extra `lofit_<name>` tensors it needs in every attention module,
       as {name: shape}; each shape starts with n_heads (one row per head), and all-zero must be
-      the base model exactly. `install` creates them at zero.
-    - `edit(attn, z)`: z (B, T, H, hd) -> the edited z, after LoFiT's (1 + A) * z + v. Runs only
-      while the form is installed.
+      the base model exactly (install checks it). `install` creates them at zero. Raise ValueError
+      for settings that do not fit.
+    - `edit(attn, z, ctx)`: z (B, T, H, hd), fp32 -> the edited z of the same shape, after LoFiT's
+      (1 + A) * z + v. `ctx` is a model.EditContext (masks, positions, answer start, layer,
+      training); an edit that does not need it may take (attn, z) only. Runs only while installed.
     - `setup(model, heads, init_std, generator)`: initialise and make trainable (train_rows) on
       `heads` only; return the parameters to optimise. The base is frozen and every offset is 0
       when it is called. A product of factors needs one factor non-zero, or no gradient flows.
+      Rows of heads outside `heads` must stay untrained (they are not saved): setup_stage2 refuses.
     - `merge(attn, weight, bias)`, only where the form is affine in z: fold it into o_proj exactly,
       (weight (D, H*hd), bias (D,) or None) that consume the edited z -> the pair that consumes
       the unedited z, in fp64. A form without it is refused by merging and export (`mergeable`).
     Reset, saving, loading, gradient masks and the trainable count are generic over `lofit_*`.
+    An exception raised by setup, edit or merge becomes one FormError line (LOFIT_DEBUG=1: the traceback).
     """
     name = "base"
 
     def parameters(self, config) -> dict[str, tuple[int, ...]]:
         return {}
 
-    def edit(self, attn: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    def edit(self, attn: nn.Module, z: torch.Tensor, ctx=None) -> torch.Tensor:
         return z
 
     def setup(self, model, heads, init_std: float, generator) -> list[nn.Parameter]:
@@ -386,17 +449,65 @@ class Intervention:
 
 
 INTERVENTIONS: dict[str, type] = {}
+BUILT_IN = ("lofit",)  # names no file may register again
+SETTING_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_WHAT = {int: "a whole number (int)", float: "a number (float)", bool: "true or false (bool)", str: "text (str)"}
+
+
+def setting_types(cls: type) -> dict[str, type]:
+    """{field name: int, float, bool or str} of a form's dataclass; TypeError naming a field of another type."""
+    types = {}
+    for field in dataclasses.fields(cls):
+        kind = field.type if isinstance(field.type, type) else SETTING_TYPES.get(str(field.type).strip())
+        if kind not in _WHAT:
+            shown = getattr(field.type, "__name__", field.type)
+            raise TypeError(f"{cls.__name__}: setting {field.name} has type {shown}; a form's settings are "
+                            f"int, float, bool or str (they travel as JSON in the adapter file)")
+        types[field.name] = kind
+    return types
+
+
+def check_settings(cls: type, values: dict) -> dict:
+    """`values` checked against the form's field types (an int is accepted for a float, made a float).
+
+    Raises:
+        ValueError: naming the form, the setting and what it must be (no bool for an int, no 2.5 for
+            an int, no null, list or text for a number, no number for a str).
+    """
+    types, out = setting_types(cls), {}
+    for key, value in values.items():
+        kind = types.get(key)
+        if kind is None:
+            raise ValueError(f"intervention {cls.name!r} does not take these settings {values}: it has no "
+                             f"setting {key!r} (its settings: {', '.join(types) or 'none'})")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {int: isinstance(value, int) and not isinstance(value, bool), bool: isinstance(value, bool),
+              str: isinstance(value, str), float: number and math.isfinite(value)}[kind]
+        if not ok:
+            raise ValueError(f"{cls.name}'s setting {key} must be {_WHAT[kind]}, not {value!r}")
+        out[key] = float(value) if kind is float else value
+    return out
 
 
 def register(cls: type) -> type:
     """Class decorator: make a form available by its `name` (train.py --intervention NAME).
 
     A form must be a dataclass (its fields are its settings, saved in the adapter and the resume key);
-    decorate it with @dataclass under @register.
+    decorate it with @dataclass under @register. It needs its own `name`, settings of type int,
+    float, bool or str, and a `setup`; the built-in names (lofit) cannot be taken over.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__}: an intervention form must be a @dataclass (its fields are its settings)")
-    INTERVENTIONS[cls.name] = cls
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f"{cls.__name__}: an intervention form needs its own `name`, a word such as "
+                        f"'low_rank' (the --intervention value and the adapter's record), not {name!r}")
+    if name in BUILT_IN and name in INTERVENTIONS and INTERVENTIONS[name] is not cls:
+        raise TypeError(f"{cls.__name__}: {name!r} is a built-in form; give the new form another name")
+    if getattr(cls, "setup") is Intervention.setup:
+        raise TypeError(f"{cls.__name__}: an intervention form needs a setup(model, heads, init_std, generator)")
+    setting_types(cls)
+    INTERVENTIONS[name] = cls
     return cls
 
 
@@ -423,12 +534,18 @@ class LoFiT(Intervention):
 
 
 def make_intervention(name: str, **hparams) -> Intervention:
-    """The registered form `name` with these hyperparameters; ValueError naming the known forms."""
+    """The registered form `name` with these hyperparameters (type-checked: check_settings).
+
+    Raises:
+        ValueError: an unknown name (naming the known forms) or a setting it does not take or of the wrong type.
+    """
     if name not in INTERVENTIONS:
         raise ValueError(f"unknown intervention {name!r}; registered: {', '.join(sorted(INTERVENTIONS))} "
                          f"(a new form registers itself with @lofit.register when its file is imported)")
+    cls = INTERVENTIONS[name]
+    values = check_settings(cls, hparams)
     try:
-        return INTERVENTIONS[name](**hparams)
+        return cls(**values)
     except TypeError as e:
         raise ValueError(f"intervention {name!r} does not take these settings {hparams}: {e}") from None
 
@@ -438,18 +555,77 @@ def intervention_of(model) -> Intervention:
     return getattr(model, "lofit_intervention", None) or LoFiT()
 
 
+def _edit_function(form):
+    """form.edit as model.Attention calls it, (attn, z, ctx) -> z, with its exceptions made FormError."""
+    edit = form.edit
+    with_ctx = len(inspect.signature(edit).parameters) >= 3  # edit(attn, z, ctx); older forms: edit(attn, z)
+
+    def run(attn, z, ctx):
+        try:
+            return edit(attn, z, ctx) if with_ctx else edit(attn, z)
+        except Exception as e:
+            raise _form_failed(form, "edit", e) from None
+    return run
+
+
+def _check_edit(model, form) -> None:
+    """Run the installed edit of every layer on a small random z with zero parameters: same shape, and z exactly
+    (for a form with parameters).
+
+    Raises:
+        FormError: naming the form, the layer and what is wrong (shape, dtype, not the base model at 0).
+    """
+    cfg = model.config
+    for layer, attn in enumerate(attentions(model)):
+        if attn.lofit_edit is None:
+            continue
+        device = attn.lofit_A.device
+        z = torch.randn(2, 3, cfg.n_heads, cfg.head_dim, generator=torch.Generator().manual_seed(layer)).to(device)
+        mask = torch.tensor([[1, 1, 1], [1, 1, 0]], device=device)  # one right-padded row
+        ctx = EditContext(mask, (mask.cumsum(-1) - 1).clamp(min=0), torch.tensor([2, -1], device=device), 0, layer,
+                          False)
+        with torch.no_grad():
+            out = attn.lofit_edit(attn, z.clone(), ctx)
+        if not isinstance(out, torch.Tensor) or out.shape != z.shape or not out.is_floating_point():
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise FormError(f"{form.name}: edit must return z's shape {tuple(z.shape)} (B, T, H, hd) as floats, "
+                             f"returned {got} (layer {layer})")
+        if form.parameters(cfg) and not torch.equal(out, z):  # (an edit without parameters has no zero)
+            raise FormError(f"{form.name}: with every parameter at zero the edit changes z (layer {layer}, largest "
+                             f"change {float((out.float() - z).abs().max()):.3g}); all-zero must be the base model")
+
+
 def install(model, form: Intervention) -> Intervention:
     """Put `form` on every attention module: its `lofit_*` parameters (created at 0) and its edit.
 
     An earlier form's parameters and edit are removed first; LoFiT's A and v are always there.
     Parameters are made like lofit_A (same device and dtype), so this works after loading and
-    after the blocks were wrapped (FSDP2 leaves lofit_* parameters alone).
+    after the blocks were wrapped (FSDP2 leaves lofit_* parameters alone). The edit is then run at
+    zero on a small random z (_check_edit): a wrong shape, or an edit that is not the base model
+    at zero, is refused and the previous form put back.
     """
-    old, new = intervention_of(model), form.parameters(model.config)
+    old = intervention_of(model)
+    try:
+        new = form.parameters(model.config)
+    except ValueError:
+        raise  # the form's refusal of its settings
+    except Exception as e:
+        raise _form_failed(form, "parameters", e) from None
     for name, shape in new.items():  # checked before anything changes
         if not shape or shape[0] != model.config.n_heads:
-            raise ValueError(f"{form.name}: lofit_{name} has shape {tuple(shape)}; a per-head parameter's first "
+            raise FormError(f"{form.name}: lofit_{name} has shape {tuple(shape)}; a per-head parameter's first "
                              f"dimension is n_heads ({model.config.n_heads})")
+    _place(model, old, form, new)
+    try:
+        _check_edit(model, form)
+    except Exception:
+        _place(model, form, old, old.parameters(model.config))
+        raise
+    return form
+
+
+def _place(model, old, form, new: dict) -> None:
+    """Swap `old`'s lofit_* parameters and edit for `form`'s (`new`: its {name: shape}), at zero."""
     for attn in attentions(model):
         for name in old.parameters(model.config):
             delattr(attn, "lofit_" + name)
@@ -457,6 +633,33 @@ def install(model, form: Intervention) -> Intervention:
             like = attn.lofit_A
             attn.register_parameter("lofit_" + name, nn.Parameter(torch.zeros(shape, device=like.device,
                                                                              dtype=like.dtype)))
-        attn.lofit_edit = form.edit if new or type(form).edit is not Intervention.edit else None
+        attn.lofit_edit = _edit_function(form) if new or type(form).edit is not Intervention.edit else None
     model.lofit_intervention = form
-    return form
+
+
+def check_form(model, form: Intervention) -> None:
+    """Everything about `form` that can be checked before any training: its parameters, its edit at zero
+    on every layer (install's check), and its merge at zero (the o_proj it was given, exactly).
+    The model is left with the form it had.
+
+    Raises:
+        ValueError: the form refuses its settings. FormError: what is wrong, naming the form (also when its
+            own code raised).
+    """
+    before = intervention_of(model)
+    if type(form).setup is Intervention.setup:
+        raise FormError(f"{form.name}: the form has no setup(model, heads, init_std, generator)")
+    install(model, form)
+    try:
+        if form.mergeable:
+            attn = attentions(model)[0]
+            weight = torch.randn(2, attn.n_heads * attn.head_dim, dtype=torch.float64).to(attn.lofit_A.device)
+            bias = torch.randn(2, dtype=torch.float64).to(attn.lofit_A.device)
+            with _form_code(form, "merge"):
+                w, b = form.merge(attn, weight.clone(), bias.clone())
+            if not (torch.equal(w, weight) and torch.equal(b, bias)):
+                raise FormError(f"{form.name}: merge changes o_proj with every parameter at zero; it must return "
+                                 f"the weight and bias unchanged there")
+    finally:
+        install(model, before)
+    reset_offsets(model)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lofit import INTERVENTIONS, make_intervention
+from lofit import INTERVENTIONS, make_intervention, setting_types
 from model import LofitError
 from tokenizer import BACKENDS
 
@@ -269,11 +269,21 @@ def import_intervention_file(path: str) -> list[str]:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # the file's own error: say which file, leave nothing half-imported
+    except (Exception, SystemExit) as e:  # the file's own error: say which file, leave nothing half-imported
         sys.modules.pop(module_name, None)
         for name in set(INTERVENTIONS) - set(before):
             del INTERVENTIONS[name]
+        INTERVENTIONS.update(before)  # a file may not replace a form registered before it
+        if os.environ.get("LOFIT_DEBUG", "") not in ("", "0") and not isinstance(e, SystemExit):
+            raise
         raise UsageError(f"--intervention {path} failed to import ({type(e).__name__}: {e})") from None
+    if replaced := [n for n, cls in before.items() if INTERVENTIONS[n] is not cls]:
+        sys.modules.pop(module_name, None)
+        for name in set(INTERVENTIONS) - set(before):
+            del INTERVENTIONS[name]
+        INTERVENTIONS.update(before)
+        raise UsageError(f"--intervention {path} registers {', '.join(replaced)}, a name already taken by "
+                         f"another form; give its form another name")
     module.registered_names = [n for n, cls in INTERVENTIONS.items() if before.get(n) is not cls]
     if not module.registered_names:
         raise UsageError(f"--intervention {path} registers no form: decorate its class with @lofit.register")
@@ -293,13 +303,17 @@ def resolve_intervention(spec: str, settings=()):
             raise UsageError(f"--intervention {spec} registers {len(names)} forms ({', '.join(names)}); "
                              f"import it and pass one of those names")
         name = names[0]
+    types = setting_types(INTERVENTIONS[name]) if name in INTERVENTIONS else {}
     values = {}
     for item in settings:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--intervention-arg {item!r}: write KEY=VALUE, e.g. rank=4")
+        if types.get(key) is str:
+            values[key] = text  # a str setting is the text as written
+            continue
         try:
-            values[key] = json.loads(text)
+            values[key] = json.loads(text)  # 4, 0.5, true; anything else stays text, which the type check refuses
         except ValueError:
             values[key] = text
     try:
