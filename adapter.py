@@ -42,6 +42,7 @@ from lofit import (
     install,
     intervention_of,
     make_intervention,
+    mlps,
     offset_parameters,
     reset_offsets,
 )
@@ -92,7 +93,7 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
     n_layers, n_heads = model.config.n_layers, model.config.n_heads
     every = [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
     heads = every if heads is None else check_heads(model, heads)
-    attns = attentions(model)
+    attns, layer_mlps = attentions(model), mlps(model)
     form = intervention_of(model)
     lofit_only = type(form) is LoFiT  # a subclass is another form: its file records it
     if INTERVENTIONS.get(form.name) is not type(form):
@@ -114,6 +115,9 @@ def save_adapter(path, model, heads, *, stage: int, task: str, hparams: dict | N
         lofit_key = key in ("A", "v")  # LoFiT files always hold v, and A after stage 1; other forms' rows always
         if not lofit_key or rows.any() or (lofit_only and (key == "v" or stage == 1)):
             tensors[key] = rows.contiguous()
+    for name in offset_parameters(layer_mlps[0]):  # the MLP site: one row per layer, every layer
+        tensors["mlp." + name.removeprefix("lofit_")] = torch.stack(
+            [mlp.get_parameter(name) for mlp in layer_mlps]).detach().cpu().contiguous()  # (L, ...)
     if bad := nonfinite({k: v for k, v in tensors.items() if k != "heads"}):
         raise AdapterError(f"the offsets ({', '.join(bad)}) hold NaN or infinity; {path} was not written")
     chosen = set(heads)
@@ -213,20 +217,30 @@ def load_adapter(path, model) -> dict:
                       f"(same architecture; make sure the weights are the same model)")
     try:
         extra = form.parameters(model.config)  # the form's offsets besides A and v, {name: (n_heads, ...)}
+        at_mlp = form.mlp_parameters(model.config)  # and at the MLP output, {name: shape}
     except ValueError as e:
         raise AdapterError(f"{path}: {e}") from None
-    rows = {"A": (model.config.head_dim,), "v": (model.config.head_dim,),
-            **{name: tuple(shape[1:]) for name, shape in extra.items()}}
+    rows = {"A": (K, model.config.head_dim), "v": (K, model.config.head_dim),
+            **{name: (K, *shape[1:]) for name, shape in extra.items()},
+            **{"mlp." + name: (n_layers, *shape) for name, shape in at_mlp.items()}}
     for key, t in tensors.items():  # checked before the model is touched: a refused file changes nothing
-        if key != "heads" and (key not in rows or tuple(t.shape) != (K, *rows[key])):
+        if key != "heads" and (key not in rows or tuple(t.shape) != rows[key]):
             want = "no such offset" if key not in rows else f"rows of {rows[key]}"
             raise AdapterError(f"{path} is inconsistent: its tensor {key} {tuple(t.shape)} does not fit the "
                                f"{form.name} intervention ({want}); write the adapter again")
+    if missing := [key for key in rows if key.startswith("mlp.") and key not in tensors]:
+        raise AdapterError(f"{path} is inconsistent: the {form.name} intervention needs {', '.join(missing)}, "
+                           f"which it lacks; write the adapter again")
     install(model, form)
     attns = attentions(model)
     reset_offsets(model)
     with torch.no_grad():
         for key, t in tensors.items():
+            if key.startswith("mlp."):
+                for mlp, row in zip(mlps(model), t):
+                    p = mlp.get_parameter("lofit_" + key.removeprefix("mlp."))
+                    p.copy_(row.to(p.device, p.dtype))
+                continue
             if key == "heads":
                 continue
             for i, (layer, h) in enumerate(meta["heads"]):
@@ -261,6 +275,16 @@ def merged_o_proj(attn: nn.Module, form=None) -> tuple[torch.Tensor, torch.Tenso
     return weight.to(W.dtype), (None if bias is None else bias.to(W.dtype))
 
 
+def merged_down_proj(mlp: nn.Module, form) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """down_proj's (weight (hidden, intermediate), bias (hidden,) or None) with the form's MLP edit folded
+    in (form.merge_mlp), in fp64 and rounded once; unchanged where the layer's MLP has no edit in effect."""
+    W, b = mlp.down_proj.weight.detach(), mlp.down_proj.bias
+    if mlp.lofit_edit is None or not mlp.lofit_enabled:
+        return W, (None if b is None else b.detach())
+    weight, bias = form.merge_mlp(mlp, W.double(), None if b is None else b.detach().double())
+    return weight.to(W.dtype), (None if bias is None else bias.to(W.dtype))
+
+
 def _check_mergeable(model) -> object:
     form = intervention_of(model)
     if not form.mergeable:
@@ -286,13 +310,14 @@ def merge_offsets(model) -> None:
         raise AdapterError("this model's offsets were merged into o_proj already; merging again would stack "
                            "offsets on merged weights: load the base model again")
     with torch.no_grad():
-        for attn in attentions(model):
-            weight, bias = merged_o_proj(attn, form)
-            attn.o_proj.weight.copy_(weight)
-            if bias is not None and attn.o_proj.bias is None:
-                attn.o_proj.bias = nn.Parameter(bias, requires_grad=attn.o_proj.weight.requires_grad)
+        merged = [(attn.o_proj, merged_o_proj(attn, form)) for attn in attentions(model)]
+        merged += [(mlp.down_proj, merged_down_proj(mlp, form)) for mlp in mlps(model)]
+        for linear, (weight, bias) in merged:
+            linear.weight.copy_(weight)
+            if bias is not None and linear.bias is None:
+                linear.bias = nn.Parameter(bias, requires_grad=linear.weight.requires_grad)
             elif bias is not None:
-                attn.o_proj.bias.copy_(bias)
+                linear.bias.copy_(bias)
     reset_offsets(model)
     model.lofit_merged = True
 
@@ -326,6 +351,8 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
     cfg = model.config
     merged = {i: merged_o_proj(attn, form) for i, attn in enumerate(attentions(model))}
     with_bias = cfg.attention_bias or any(b is not None for _, b in merged.values())
+    down = {i: merged_down_proj(mlp, form) for i, mlp in enumerate(mlps(model))}
+    with_mlp_bias = cfg.mlp_bias or any(b is not None for _, b in down.values())
     state = {}
     for name, p in model.named_parameters():
         if ".lofit_" in name or (name == "lm_head.weight" and cfg.tie_word_embeddings):
@@ -342,8 +369,18 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
                 state.setdefault(prefix + proj + ".bias", torch.zeros(size, dtype=dtype))
             if bias is not None:
                 state[prefix + "o_proj.bias"] = bias
+    for i, (weight, bias) in down.items():  # a form's MLP edit, folded into down_proj
+        prefix = f"model.layers.{i}.mlp."
+        state[prefix + "down_proj.weight"] = weight
+        if with_mlp_bias:  # HF's mlp_bias covers gate, up and down
+            for proj, size in {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size,
+                               "down_proj": cfg.hidden_size}.items():
+                state.setdefault(prefix + proj + ".bias", torch.zeros(size, dtype=dtype))
+            if bias is not None:
+                state[prefix + "down_proj.bias"] = bias
     state = {k: t.to("cpu").contiguous() for k, t in state.items()}
-    hf_config = {**cfg.to_hf(), "attention_bias": with_bias, "torch_dtype": str(dtype).removeprefix("torch.")}
+    hf_config = {**cfg.to_hf(), "attention_bias": with_bias, "mlp_bias": with_mlp_bias,
+                 "torch_dtype": str(dtype).removeprefix("torch.")}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -306,14 +306,15 @@ def offsets_disabled(model):
 
     Restores each layer's previous lofit_enabled on exit, also after an exception.
     """
-    before = [attn.lofit_enabled for attn in attentions(model)]
-    for attn in attentions(model):
-        attn.lofit_enabled = False
+    sites = attentions(model) + mlps(model)
+    before = [site.lofit_enabled for site in sites]
+    for site in sites:
+        site.lofit_enabled = False
     try:
         yield model
     finally:
-        for attn, enabled in zip(attentions(model), before):
-            attn.lofit_enabled = enabled
+        for site, enabled in zip(sites, before):
+            site.lofit_enabled = enabled
 
 # ----------------------------------------------------------------------------------------------
 # The intervention protocol: every lofit_* parameter found by name, and the forms stage 2 can train
@@ -323,15 +324,20 @@ def attentions(model) -> list[nn.Module]:
     """The attention module of every layer, in layer order."""
     return [block.self_attn for block in model.layers]
 
+def mlps(model) -> list[nn.Module]:
+    """The MLP of every layer, in layer order: the second site a form may edit (Intervention.mlp_edit)."""
+    return [block.mlp for block in model.layers]
+
+
 def offset_parameters(attn: nn.Module) -> dict[str, nn.Parameter]:
     """An attention module's intervention parameters: every `lofit_*` one (A, v, and any form's)."""
     return {name: p for name, p in attn.named_parameters(recurse=False) if name.startswith("lofit_")}
 
 
 def reset_offsets(model) -> None:
-    """Every `lofit_*` parameter of every layer set to exactly 0: the base model again."""
+    """Every `lofit_*` parameter of every layer (attention and MLP) set to exactly 0: the base model again."""
     with torch.no_grad():
-        for attn in attentions(model):
+        for attn in attentions(model) + mlps(model):
             for p in offset_parameters(attn).values():
                 p.zero_()
 
@@ -421,6 +427,11 @@ class Intervention:
     - `merge(attn, weight, bias)`, only where the form is affine in z: fold it into o_proj exactly,
       (weight (D, H*hd), bias (D,) or None) that consume the edited z -> the pair that consumes
       the unedited z, in fp64. A form without it is refused by merging and export (`mergeable`).
+    The second site, the MLP output y (B, T, hidden) of every layer, fp32 (model.MLP):
+    - `mlp_parameters(config)`: {name: shape} of `lofit_<name>` tensors on every MLP module, not per
+      head (e.g. (hidden,)); saved whole for every layer. All-zero must be the base model.
+    - `mlp_edit(mlp, y, ctx)`: the edited y, same shape. `merge_mlp(mlp, weight, bias)`: fold it into
+      down_proj exactly (weight (hidden, intermediate), bias (hidden,) or None), in fp64.
     Reset, saving, loading, gradient masks and the trainable count are generic over `lofit_*`.
     An exception raised by setup, edit or merge becomes one FormError line (LOFIT_DEBUG=1: the traceback).
     """
@@ -438,10 +449,22 @@ class Intervention:
     def merge(self, attn: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
         raise NotImplementedError(f"{self.name} has no merge into o_proj")
 
+    def mlp_parameters(self, config) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def mlp_edit(self, mlp: nn.Module, y: torch.Tensor, ctx=None) -> torch.Tensor:
+        return y
+
+    def merge_mlp(self, mlp: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None):
+        raise NotImplementedError(f"{self.name} has no merge into down_proj")
+
     @property
     def mergeable(self) -> bool:
-        """Whether the form defines `merge` (a form that is not linear in z does not)."""
-        return type(self).merge is not Intervention.merge
+        """Whether the form defines `merge` (a form that is not linear in z does not), and `merge_mlp`
+        where it edits the MLP output."""
+        uses_mlp = type(self).mlp_edit is not Intervention.mlp_edit
+        return type(self).merge is not Intervention.merge and (
+            not uses_mlp or type(self).merge_mlp is not Intervention.merge_mlp)
 
     def hparams(self) -> dict:
         """The form's settings, JSON-able: its dataclass fields."""
@@ -555,16 +578,16 @@ def intervention_of(model) -> Intervention:
     return getattr(model, "lofit_intervention", None) or LoFiT()
 
 
-def _edit_function(form):
-    """form.edit as model.Attention calls it, (attn, z, ctx) -> z, with its exceptions made FormError."""
-    edit = form.edit
+def _edit_function(form, method: str = "edit"):
+    """form.edit (or mlp_edit) as the model calls it, (site, z, ctx) -> z, its exceptions made FormError."""
+    edit = getattr(form, method)
     with_ctx = len(inspect.signature(edit).parameters) >= 3  # edit(attn, z, ctx); older forms: edit(attn, z)
 
-    def run(attn, z, ctx):
+    def run(site, z, ctx):
         try:
-            return edit(attn, z, ctx) if with_ctx else edit(attn, z)
+            return edit(site, z, ctx) if with_ctx else edit(site, z)
         except Exception as e:
-            raise _form_failed(form, "edit", e) from None
+            raise _form_failed(form, method, e) from None
     return run
 
 
@@ -576,23 +599,27 @@ def _check_edit(model, form) -> None:
         FormError: naming the form, the layer and what is wrong (shape, dtype, not the base model at 0).
     """
     cfg = model.config
-    for layer, attn in enumerate(attentions(model)):
-        if attn.lofit_edit is None:
+    sites = [("edit", "(B, T, H, hd)", attn, (cfg.n_heads, cfg.head_dim), form.parameters(cfg))
+             for attn in attentions(model)]
+    sites += [("mlp_edit", "(B, T, hidden)", mlp, (cfg.hidden_size,), form.mlp_parameters(cfg)) for mlp in mlps(model)]
+    for i, (method, names, site, shape, params) in enumerate(sites):
+        if site.lofit_edit is None:
             continue
-        device = attn.lofit_A.device
-        z = torch.randn(2, 3, cfg.n_heads, cfg.head_dim, generator=torch.Generator().manual_seed(layer)).to(device)
+        layer, device = i % cfg.n_layers, attentions(model)[0].lofit_A.device
+        z = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(layer)).to(device)
         mask = torch.tensor([[1, 1, 1], [1, 1, 0]], device=device)  # one right-padded row
         ctx = EditContext(mask, (mask.cumsum(-1) - 1).clamp(min=0), torch.tensor([2, -1], device=device), 0, layer,
                           False)
         with torch.no_grad():
-            out = attn.lofit_edit(attn, z.clone(), ctx)
+            out = site.lofit_edit(site, z.clone(), ctx)
         if not isinstance(out, torch.Tensor) or out.shape != z.shape or not out.is_floating_point():
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise FormError(f"{form.name}: edit must return z's shape {tuple(z.shape)} (B, T, H, hd) as floats, "
-                             f"returned {got} (layer {layer})")
-        if form.parameters(cfg) and not torch.equal(out, z):  # (an edit without parameters has no zero)
-            raise FormError(f"{form.name}: with every parameter at zero the edit changes z (layer {layer}, largest "
-                             f"change {float((out.float() - z).abs().max()):.3g}); all-zero must be the base model")
+            raise FormError(f"{form.name}: {method} must return its input's shape {tuple(z.shape)} {names} as "
+                            f"floats, returned {got} (layer {layer})")
+        if params and not torch.equal(out, z):  # (an edit without parameters has no zero)
+            raise FormError(f"{form.name}: with every parameter at zero {method} changes its input (layer {layer}, "
+                            f"largest change {float((out.float() - z).abs().max()):.3g}); all-zero must be the base "
+                            f"model")
 
 
 def install(model, form: Intervention) -> Intervention:
@@ -606,7 +633,7 @@ def install(model, form: Intervention) -> Intervention:
     """
     old = intervention_of(model)
     try:
-        new = form.parameters(model.config)
+        new, _ = form.parameters(model.config), form.mlp_parameters(model.config)
     except ValueError:
         raise  # the form's refusal of its settings
     except Exception as e:
@@ -615,25 +642,30 @@ def install(model, form: Intervention) -> Intervention:
         if not shape or shape[0] != model.config.n_heads:
             raise FormError(f"{form.name}: lofit_{name} has shape {tuple(shape)}; a per-head parameter's first "
                              f"dimension is n_heads ({model.config.n_heads})")
-    _place(model, old, form, new)
+    _place(model, old, form)
     try:
         _check_edit(model, form)
     except Exception:
-        _place(model, form, old, old.parameters(model.config))
+        _place(model, form, old)
         raise
     return form
 
 
-def _place(model, old, form, new: dict) -> None:
-    """Swap `old`'s lofit_* parameters and edit for `form`'s (`new`: its {name: shape}), at zero."""
-    for attn in attentions(model):
-        for name in old.parameters(model.config):
-            delattr(attn, "lofit_" + name)
-        for name, shape in new.items():
-            like = attn.lofit_A
-            attn.register_parameter("lofit_" + name, nn.Parameter(torch.zeros(shape, device=like.device,
-                                                                             dtype=like.dtype)))
-        attn.lofit_edit = _edit_function(form) if new or type(form).edit is not Intervention.edit else None
+def _place(model, old, form) -> None:
+    """Swap `old`'s lofit_* parameters and edits for `form`'s, created at zero, at both sites."""
+    cfg = model.config
+    like = attentions(model)[0].lofit_A  # device and dtype of every offset
+    for sites, params, method in [(attentions(model), "parameters", "edit"),
+                                  (mlps(model), "mlp_parameters", "mlp_edit")]:
+        new = getattr(form, params)(cfg)
+        for site in sites:
+            for name in getattr(old, params)(cfg):
+                delattr(site, "lofit_" + name)
+            for name, shape in new.items():
+                site.register_parameter("lofit_" + name, nn.Parameter(torch.zeros(shape, device=like.device,
+                                                                                 dtype=like.dtype)))
+            edits = new or getattr(type(form), method) is not getattr(Intervention, method)
+            site.lofit_edit = _edit_function(form, method) if edits else None
     model.lofit_intervention = form
 
 
@@ -652,14 +684,18 @@ def check_form(model, form: Intervention) -> None:
     install(model, form)
     try:
         if form.mergeable:
-            attn = attentions(model)[0]
-            weight = torch.randn(2, attn.n_heads * attn.head_dim, dtype=torch.float64).to(attn.lofit_A.device)
-            bias = torch.randn(2, dtype=torch.float64).to(attn.lofit_A.device)
-            with _form_code(form, "merge"):
-                w, b = form.merge(attn, weight.clone(), bias.clone())
-            if not (torch.equal(w, weight) and torch.equal(b, bias)):
-                raise FormError(f"{form.name}: merge changes o_proj with every parameter at zero; it must return "
-                                 f"the weight and bias unchanged there")
+            attn, mlp = attentions(model)[0], mlps(model)[0]
+            for method, site, width in [("merge", attn, attn.n_heads * attn.head_dim),
+                                        ("merge_mlp", mlp, mlp.down_proj.in_features)]:
+                if method == "merge_mlp" and mlp.lofit_edit is None:
+                    continue
+                weight = torch.randn(2, width, dtype=torch.float64).to(attn.lofit_A.device)
+                bias = torch.randn(2, dtype=torch.float64).to(attn.lofit_A.device)
+                with _form_code(form, method):
+                    w, b = getattr(form, method)(site, weight.clone(), bias.clone())
+                if not (torch.equal(w, weight) and torch.equal(b, bias)):
+                    raise FormError(f"{form.name}: {method} changes the weights with every parameter at zero; it "
+                                    f"must return the weight and bias unchanged there")
     finally:
         install(model, before)
     reset_offsets(model)

@@ -301,6 +301,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The gated MLP. A form of intervention may also edit its output y (B, T, hidden), the second
+    site after the attention heads (lofit.Intervention.mlp_edit; e.g. examples/red.py): `lofit_edit`
+    and its `lofit_*` parameters are set by lofit.install; none by default, the base model."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         d, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -308,11 +312,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, inter, bias=bias)
         self.down_proj = nn.Linear(inter, d, bias=bias)
         self.gemma = config.model_type == "gemma"
+        self.lofit_enabled = True
+        self.lofit_edit = None  # LoFiT: a form's edit of the MLP output, (mlp, y, ctx) -> y; set by lofit.install
 
-    def forward(self, x):
+    def forward(self, x, ctx: EditContext | None = None):
         gate = self.gate_proj(x)
         gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)  # Gemma: GELU (tanh)
-        return self.down_proj(gate * self.up_proj(x))
+        y = self.down_proj(gate * self.up_proj(x))  # (B, T, hidden)
+        if self.lofit_edit is not None and self.lofit_enabled:  # LoFiT: a form's edit of the MLP output, in fp32
+            y = self.lofit_edit(self, y.float(), ctx).to(y.dtype)
+        return y
 
 
 class Block(nn.Module):
@@ -326,7 +335,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0, ctx: EditContext | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.mlp.lofit_edit is not None and ctx is not None:
+            ctx = ctx._replace(layer=layer)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -179,9 +179,9 @@ def test_install_refuses_a_wrong_shape_and_an_edit_that_is_not_the_base_at_zero(
     ids = torch.arange(1, 9)[None]
     with torch.no_grad():
         base = model(ids)
-    with pytest.raises(lofit.FormError, match=r"test_shrinks: edit must return z's shape \(2, 3, 4, 16\)"):
+    with pytest.raises(lofit.FormError, match=r"test_shrinks: edit must return its input's shape \(2, 3, 4, 16\)"):
         lofit.install(model, Shrinks())
-    with pytest.raises(lofit.FormError, match="test_not_zero: with every parameter at zero the edit changes z"):
+    with pytest.raises(lofit.FormError, match="test_not_zero: with every parameter at zero edit changes its input"):
         lofit.check_form(model, NotZero())
     assert type(lofit.intervention_of(model)) is lofit.LoFiT and not hasattr(model.layers[0].self_attn, "lofit_p")
     with torch.no_grad():
