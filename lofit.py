@@ -432,10 +432,25 @@ class Intervention:
       head (e.g. (hidden,)); saved whole for every layer. All-zero must be the base model.
     - `mlp_edit(mlp, y, ctx)`: the edited y, same shape. `merge_mlp(mlp, weight, bias)`: fold it into
       down_proj exactly (weight (hidden, intermediate), bias (hidden,) or None), in fp64.
+    Hooks for the trainer (train.py), each optional:
+    - `selects_heads = True`: the form localizes by itself; train every head instead of running stage 1.
+    - `penalty(model)`: a scalar added to the loss once per global batch (None: no penalty).
+    - `state_dict()` / `load_state_dict(state)`: the form's own state besides its parameters (e.g. a
+      random generator), kept in checkpoints so that a resumed run is the uninterrupted one.
     Reset, saving, loading, gradient masks and the trainable count are generic over `lofit_*`.
     An exception raised by setup, edit or merge becomes one FormError line (LOFIT_DEBUG=1: the traceback).
     """
     name = "base"
+    selects_heads = False
+
+    def penalty(self, model) -> torch.Tensor | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def parameters(self, config) -> dict[str, tuple[int, ...]]:
         return {}
