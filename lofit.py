@@ -700,12 +700,13 @@ def check_form(model, form: Intervention) -> None:
     try:
         if form.mergeable:
             attn, mlp = attentions(model)[0], mlps(model)[0]
+            hidden = model.config.hidden_size  # random weights of the real shapes, once (fp64, as merging)
             for method, site, width in [("merge", attn, attn.n_heads * attn.head_dim),
-                                        ("merge_mlp", mlp, mlp.down_proj.in_features)]:
+                                        ("merge_mlp", mlp, model.config.intermediate_size)]:
                 if method == "merge_mlp" and mlp.lofit_edit is None:
                     continue
-                weight = torch.randn(2, width, dtype=torch.float64).to(attn.lofit_A.device)
-                bias = torch.randn(2, dtype=torch.float64).to(attn.lofit_A.device)
+                weight = torch.randn(hidden, width, dtype=torch.float64).to(attn.lofit_A.device)
+                bias = torch.randn(hidden, dtype=torch.float64).to(attn.lofit_A.device)
                 with _form_code(form, method):
                     w, b = getattr(form, method)(site, weight.clone(), bias.clone())
                 if not (torch.equal(w, weight) and torch.equal(b, bias)):

@@ -243,6 +243,7 @@ class Run:
     given: list | None  # the --heads file's ranking
     d: Dist
     log: StepLog
+    form: lofit.Intervention  # stage 2's form
     epochs_run: int = 0  # epochs finished by this process, for --stop-after
 
 
@@ -269,24 +270,29 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total_steps - step) / total_steps))
     named = {name: p for name, p in model.named_parameters() if any(p is q for q in params)}
+    form = lofit.intervention_of(model) if stage == 2 else lofit.LoFiT()  # its penalty and state (e.g. a generator)
     history, start = [], 0
     if resume is not None:  # continue exactly where the checkpoint left off
         history, start = train_state.restore(resume, named, optimizer, schedule, cfg.out)
+        form.load_state_dict(resume["extra"].get("form", {}))
         run.log.cut(resume["log_lines"])
         say(d, f"resuming from stage {stage} epoch {start + 1}/{cfg.epochs} (the checkpoint after epoch {start})"
             if start < cfg.epochs else f"resuming after stage {stage}'s last epoch (its checkpoint)")
     micro = cfg.micro_batch_size or -(-cfg.batch_size // d.world)
+    model.train()  # what a form's edit sees as EditContext.training (LoFiT's arithmetic does not change)
     for epoch in range(start, cfg.epochs):
         began, losses = time.time(), []
         bar = tqdm(epoch_batches(len(data.items), cfg.batch_size, cfg.seed, epoch), disable=not d.main,
                    desc=f"stage {stage} epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
         for step, batch in enumerate(bar):
             step_began, normaliser = time.time(), data.normaliser(batch)
-            loss_sum = torch.zeros((), device=d.device)
+            loss_sum, penalty = torch.zeros((), device=d.device), {}
             for i, (chunk, weight) in enumerate(rank_share(batch, d, micro)):
                 loss = micro_batch_loss(model, data, chunk, normaliser, cfg.beta, d.device) * weight
                 if l1 and d.main and i == 0:  # the L1 penalty counts once per global batch
                     loss = loss + l1 * lofit.l1_penalty(model)
+                if d.main and i == 0 and (extra_loss := form.penalty(model)) is not None:  # so does a form's
+                    loss, penalty = loss + extra_loss, {"penalty": float(extra_loss.detach())}
                 loss.backward()
                 loss_sum += loss.detach().float()
             losses.append(distributed.sync_gradients(params, loss_sum, d).item())
@@ -297,18 +303,21 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             run.log.step(stage=stage, step=schedule.last_epoch, epoch=epoch + 1, loss=losses[-1], lr=step_lr,
-                         grad_norm=float(grad_norm), tokens_per_s=data.tokens(batch) / (time.time() - step_began))
+                         grad_norm=float(grad_norm), tokens_per_s=data.tokens(batch) / (time.time() - step_began),
+                         **penalty)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         history.append(sum(losses) / len(losses))
         say(d, f"stage {stage} epoch {epoch + 1}/{cfg.epochs}: mean loss {history[-1]:.4f}, "
                f"{time.time() - began:.1f} s")
         if d.main:
             train_state.save_checkpoint(Path(cfg.out), key=run.key, stage=stage, epoch=epoch + 1, history=history,
-                            extra=extra or {}, params=named, optimizer=optimizer, schedule=schedule,
-                            log_lines=run.log.lines)
+                            extra={**(extra or {}), "form": form.state_dict()}, params=named, optimizer=optimizer,
+                            schedule=schedule, log_lines=run.log.lines)
         run.epochs_run += 1
         if cfg.stop_after and run.epochs_run >= cfg.stop_after:
+            model.eval()
             raise Stopped
+    model.eval()
     return history
 
 
@@ -321,7 +330,10 @@ def choose_heads(run: Run, model, tokenizer, examples, data: TrainData, resume, 
 
     Stage 1 (the default) trains A and ranks heads by ||A||_2; its losses go to metrics["train_loss"].
     """
-    cfg = run.cfg
+    cfg, form = run.cfg, run.form
+    if form.selects_heads and cfg.stage != "1":  # the form localizes by itself: every head, no stage 1
+        every = [(layer, h, None) for layer in range(model.config.n_layers) for h in range(model.config.n_heads)]
+        return every, f"every head: the {form.name} intervention chooses its own"
     if cfg.stage != "2" and not (resume and resume["stage"] == 2):
         params = lofit.setup_stage1(model, cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
         metrics["train_loss"]["stage1"] = train_stage(run, 1, model, params, data, resume)
@@ -396,16 +408,18 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     began = time.time()
     model = load_model(cfg.model, d, getattr(torch, hp.dtype), sharding[0], progress=True)
     say(d, f"model loaded in {time.time() - began:.1f} s")
+    lofit.check_form(model, form)  # its parameters, its edit at zero and its merge, before any training
     warn_beyond_context(model, [len(ids) for ids in data.sequences()], "training sequences", d.main)
     if data.loss == "dpo":
         say(d, f"DPO reference pass: the base model's log-probs of {len(data.items)} answer pairs")
         data.reference = reference_logprobs(model, data, cfg.eval_batch_size, d, progress=True)
-    run = Run(cfg, hp, key, given, d, StepLog(Path(cfg.out), d.main, cfg.wandb, record))
+    run = Run(cfg, hp, key, given, d, StepLog(Path(cfg.out), d.main, cfg.wandb, record), form)
     metrics = {"train_loss": {}}
     try:
         chosen = choose_heads(run, model, tokenizer, examples, data, resume, metrics)
         ranking, source = distributed.same_on_every_rank(chosen, d)
-        selected = lofit.select_heads([lofit.HeadScore(*r) for r in ranking], k=hp.k)
+        selected = lofit.select_heads([lofit.HeadScore(*r) for r in ranking],
+                                      k=len(ranking) if form.selects_heads and cfg.stage != "1" else hp.k)
         if d.main:
             write_heads_file(Path(cfg.out) / "heads.json", ranking, selected, task=cfg.task, model=cfg.model,
                              source=source, config=model.config)

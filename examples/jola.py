@@ -87,7 +87,8 @@ class JoLA(Intervention):
         return {"rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.set_state(state["rng"])
+        if "rng" in state:
+            self.rng.set_state(state["rng"])
 
     def merge(self, attn, weight, bias):
         """Deterministic gates: W [(1 + g_m m) * z + g_a a] + b = (W diag(1 + g_m m)) z + (b + W g_a a)."""

@@ -249,3 +249,31 @@ def test_a_lofit_subclass_is_recorded_and_an_unregistered_form_refused(tiny, tmp
     lofit.setup_stage2(model, [(0, 1)], intervention=Unregistered())
     with pytest.raises(adapter.AdapterError, match="not the registered form named 'test_unregistered'"):
         adapter.save_adapter(tmp_path / "b.safetensors", model, [(0, 1)], stage=2, task="mquake")
+
+
+def test_train_checks_the_edit_before_stage_1(tmp_path, capsys):
+    body = ("@lofit.register\n@dataclass\nclass Wide(lofit.LoFiT):\n    name = 'test_wide_edit'\n"
+            "    def parameters(self, config):\n        return {'p': (config.n_heads, config.head_dim)}\n"
+            "    def edit(self, attn, z, ctx):\n        return torch.cat([z, z + attn.lofit_p], dim=1)\n")
+    assert train.main(tiny_args("mquake", tmp_path / "out", "--intervention", form_file(tmp_path, body))) == 2
+    line = one_error_line(capsys)
+    assert "test_wide_edit: edit must return its input's shape (2, 3, 8, 8)" in line and "returned (2, 6, 8, 8)" in line
+    log = tmp_path / "out" / "metrics.jsonl"
+    assert not log.exists() or not log.read_text().strip()  # no training step ran
+
+
+@dataclass
+class BadMerge(lofit.LoFiT):
+    """Affine in z, but its merge doubles o_proj even at zero."""
+    name = "test_bad_merge"
+
+    def merge(self, attn, weight, bias):
+        return 2 * weight, bias
+
+
+def test_check_form_refuses_a_merge_that_is_not_the_identity_at_zero(tiny):
+    model = Llama.from_pretrained(tiny)
+    with pytest.raises(lofit.FormError, match="test_bad_merge: merge changes the weights with every parameter at zero"):
+        lofit.check_form(model, BadMerge())
+    assert type(lofit.intervention_of(model)) is lofit.LoFiT
+    lofit.check_form(model, lofit.LoFiT())  # LoFiT passes its own checks

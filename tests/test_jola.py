@@ -2,7 +2,7 @@
 
 The gates (sampled while training from the form's own generator, deterministic at evaluation), the
 edit, the expected-L0 penalty, the generator's state, the merge into o_proj; then the form through
-train.py (on LoFiT's selected heads: the trainer hooks are not wired yet), eval.py and the adapter.
+train.py (every head, no stage 1, the penalty logged, --resume drawing the same gates), eval.py and the adapter.
 """
 import json
 import math
@@ -120,11 +120,28 @@ def jola_run(tmp_path_factory):
     return out
 
 
-def test_jola_run_saves_loads_evaluates_and_merges(jola_run, tmp_path):
+def test_jola_trains_every_head_with_sampled_gates_and_a_logged_penalty(jola_run):
     from safetensors.torch import load_file
     tensors = load_file(str(jola_run / "adapter.safetensors"))
-    assert sorted(tensors) == ["a", "heads", "m", "p", "q"] and tensors["p"].shape == (6,)
-    assert tensors["a"].abs().max() > 0 and tensors["m"].abs().max() > 0
+    assert sorted(tensors) == ["a", "heads", "m", "p", "q"] and tensors["p"].shape == (40,)  # 5 layers x 8 heads
+    assert tensors["a"].abs().min() > 0 and tensors["p"].abs().max() > 0  # every head moved, the gates too
+    heads = json.loads((jola_run / "heads.json").read_text())
+    assert len(heads["selected"]) == 40 and "jola intervention chooses its own" in heads["source"]
+    rows = [json.loads(line) for line in (jola_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(("penalty" in r) == (r["stage"] == 2) for r in rows) and not any(r["stage"] == 1 for r in rows)
+    assert rows[0]["penalty"] == pytest.approx(1e-3 * 2 * 40 * jola.expected_open(torch.tensor(0.0)).item())
+    metrics = json.loads((jola_run / "metrics.json").read_text())
+    assert metrics["trainable_parameters"] == 40 * (8 + 8 + 1 + 1) and "stage1" not in metrics["train_loss"]
+
+
+def test_jola_resume_draws_the_same_gates(jola_run, tmp_path):
+    from test_train import assert_same_adapter
+    assert train.main(tiny_args("mquake", tmp_path, *FORM, "--stop-after", "1")) == 0
+    assert train.main(tiny_args("mquake", tmp_path, *FORM, "--resume")) == 0
+    assert_same_adapter(tmp_path, jola_run)
+
+
+def test_jola_run_saves_loads_evaluates_and_merges(jola_run, tmp_path):
     metrics = json.loads((jola_run / "metrics.json").read_text())
     argv = ["--task", "mquake", "--model", str(STORIES260K), "--limit", "4", "--quiet", *FORM,
             "--adapter", str(jola_run / "adapter.safetensors"), "--out", str(tmp_path / "r.json")]
