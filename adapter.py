@@ -6,6 +6,7 @@ An adapter file is a small safetensors file with only the selected heads' rows o
     v     (K, head_dim)  their bias offsets (in a file of another form: only when non-zero)
     A     (K, head_dim)  their scale offsets (present when any is non-zero, e.g. after stage 1)
     <name> (K, ...)      the rows of every other `lofit_<name>` parameter: the installed form's
+    mlp.<name> (L, ...)  a form's parameters at the MLP output, every layer's (e.g. examples/red.py)
 
 and string metadata (JSON where structured): format, format_version, base_model, config (the base
 model's LlamaConfig.fingerprint()), config_sha256, stage, task, hparams, heads, complete (false
