@@ -40,6 +40,7 @@ from lofit import (
     LoFiT,
     attentions,
     check_heads,
+    form_code,
     install,
     intervention_of,
     make_intervention,
@@ -267,7 +268,8 @@ def merged_o_proj(attn: nn.Module, form=None) -> tuple[torch.Tensor, torch.Tenso
         return W, (None if b is None else b.detach())
     weight, bias = W.double(), (None if b is None else b.detach().double())
     if attn.lofit_edit is not None:
-        weight, bias = form.merge(attn, weight, bias)
+        with form_code(form, "merge"):
+            weight, bias = form.merge(attn, weight, bias)
     scale = 1 + attn.lofit_A.detach().double().reshape(-1)  # (H*hd,)
     v = attn.lofit_v.detach().double().reshape(-1)  # (H*hd,): heads concatenated, as o_proj's input
     if bias is not None or v.any():
@@ -282,7 +284,8 @@ def merged_down_proj(mlp: nn.Module, form) -> tuple[torch.Tensor, torch.Tensor |
     W, b = mlp.down_proj.weight.detach(), mlp.down_proj.bias
     if mlp.lofit_edit is None or not mlp.lofit_enabled:
         return W, (None if b is None else b.detach())
-    weight, bias = form.merge_mlp(mlp, W.double(), None if b is None else b.detach().double())
+    with form_code(form, "merge_mlp"):
+        weight, bias = form.merge_mlp(mlp, W.double(), None if b is None else b.detach().double())
     return weight.to(W.dtype), (None if bias is None else bias.to(W.dtype))
 
 

@@ -255,7 +255,7 @@ def setup_stage2(model, heads, init_std: float = 1e-3, generator: torch.Generato
     form = install(model, intervention) if intervention is not None else intervention_of(model)
     _freeze_base(model)
     reset_offsets(model)
-    with _form_code(form, "setup"):
+    with form_code(form, "setup"):
         params = form.setup(model, heads, init_std, generator)
     check_trained_rows(model, heads, form.name)
     return params
@@ -400,7 +400,7 @@ def _form_failed(form, method: str, error: Exception) -> Exception:
 
 
 @contextlib.contextmanager
-def _form_code(form, method: str):
+def form_code(form, method: str):
     """Run a form's own method, turning any exception into FormError (see _form_failed)."""
     try:
         yield
@@ -707,7 +707,7 @@ def check_form(model, form: Intervention) -> None:
                     continue
                 weight = torch.randn(hidden, width, dtype=torch.float64).to(attn.lofit_A.device)
                 bias = torch.randn(hidden, dtype=torch.float64).to(attn.lofit_A.device)
-                with _form_code(form, method):
+                with form_code(form, method):
                     w, b = getattr(form, method)(site, weight.clone(), bias.clone())
                 if not (torch.equal(w, weight) and torch.equal(b, bias)):
                     raise FormError(f"{form.name}: {method} changes the weights with every parameter at zero; it "

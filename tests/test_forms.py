@@ -277,3 +277,30 @@ def test_check_form_refuses_a_merge_that_is_not_the_identity_at_zero(tiny):
         lofit.check_form(model, BadMerge())
     assert type(lofit.intervention_of(model)) is lofit.LoFiT
     lofit.check_form(model, lofit.LoFiT())  # LoFiT passes its own checks
+
+
+@dataclass
+class MergeFails(lofit.LoFiT):
+    """Fine at zero; its merge raises once its parameter moved."""
+    name = "test_merge_fails"
+
+    def parameters(self, config):
+        return {"p": (config.n_heads, config.head_dim)}
+
+    def edit(self, attn, z, ctx):
+        return z + attn.lofit_p
+
+    def merge(self, attn, weight, bias):
+        if attn.lofit_p.any():
+            raise ArithmeticError("cannot fold p")
+        return weight, bias
+
+
+def test_an_exception_in_merge_is_one_line(tiny):
+    model = Llama.from_pretrained(tiny)
+    lofit.check_form(model, MergeFails())
+    lofit.install(model, MergeFails())
+    with torch.no_grad():
+        model.layers[0].self_attn.lofit_p[1, 0] = 1.0
+    with pytest.raises(lofit.FormError, match=r"test_merge_fails intervention's merge failed \(ArithmeticError"):
+        adapter.merge_offsets(model)
