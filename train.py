@@ -380,6 +380,9 @@ def run(cfg: TrainConfig, d: Dist) -> int:
         form.parameters(config)
     except ValueError as e:
         raise UsageError(f"--intervention {form.name}: {e}") from None
+    if form.selects_heads and cfg.head_selection != "lofit":
+        raise UsageError(f"--intervention {form.name} chooses its own heads (it trains every head); "
+                         f"leave out --head-selection {cfg.head_selection} and --heads")
     given = read_heads_file(cfg.heads, config) if cfg.heads else None
     if given is not None and hp.k > len(given):
         raise UsageError(f"K = {hp.k} but --heads {cfg.heads} ranks only {len(given)} heads; pass a smaller --k")

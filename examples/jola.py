@@ -4,9 +4,10 @@
 
 Each head has two HardConcrete gates (Louizos et al. 2018) with log-alphas p_h (scale) and q_h
 (offset): temperature 0.33, stretched to (-0.1, 1.1) and clipped to [0, 1]. While the model is
-training (EditContext.training) each gate is sampled, u ~ U(0, 1) drawn from the form's own
-generator (seeded in setup; `state_dict` is what a checkpoint keeps, so a resumed run draws the same
-gates); at evaluation it is deterministic, clip(sigmoid(p) * 1.2 - 0.1, 0, 1). The penalty is the
+training (EditContext.training) each gate is sampled once per head and forward pass (shared by the
+batch's rows) from u ~ U(0, 1) drawn from the form's own generator (seeded in setup; `state_dict` is
+what a checkpoint keeps, so a resumed run draws the same gates); at evaluation it is deterministic,
+clip(sigmoid(p) * 1.2 - 0.1, 0, 1). The penalty is the
 expected number of open gates (the expected L0 norm), times the setting l0, once per global batch.
 
 JoLA localizes by its gates rather than by LoFiT's stage 1: `selects_heads` asks the trainer to

@@ -155,3 +155,8 @@ def test_jola_run_saves_loads_evaluates_and_merges(jola_run, tmp_path):
         expected = model(ids)
         exported = Llama.from_pretrained(str(adapter.export_merged(model, tmp_path / "merged")))
         torch.testing.assert_close(exported(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jola_refuses_another_head_choice(tmp_path, capsys):
+    assert train.main(tiny_args("mquake", tmp_path / "out", *FORM, "--head-selection", "random")) == 2
+    assert "--intervention jola chooses its own heads" in capsys.readouterr().err
