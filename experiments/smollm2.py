@@ -15,6 +15,9 @@ For each task (TruthfulQA fold 0 and 1, MQuAKE, CLUTRR) it runs, in this order:
   iti     (TruthfulQA) iti.py with ITI's own settings (K 48, alpha 15), not tuned here.
   other   stage 2 on the top K heads of ANOTHER task's stage-1 ranking (TruthfulQA <- MQuAKE,
           MQuAKE <- TruthfulQA fold 0, CLUTRR <- MQuAKE), the chosen K and lr_v.
+  jola    (with --jola, or alone with --only-jola) JoLA (examples/jola.py): one stage on every head, its
+          gates choosing, for each (l0, lr_v) of --jola-l0-grid x --lr-grid scored on the validation
+          split; the best cell's adapter scored on the test split.
 
 Every step writes into --out/<task>/<step>/ and is skipped once its result exists; a train.py step
 left with a checkpoint is continued with --resume, so the study can be stopped at any time and
@@ -165,6 +168,37 @@ def study_other(s: Study, spec: str, chosen_flags: list[str], rows: list):
                     s.seconds(f"{tag}/other")))
 
 
+def study_jola(s: Study, spec: str, rows: list):
+    """JoLA's row: its settings chosen on the validation split as LoFiT's are, then the test split."""
+    task, fold = split_task(spec)
+    tag, d = spec.replace(":", "_fold"), s.out / spec.replace(":", "_fold")
+    common = [*s.common(task, fold), "--intervention", str(ROOT / "examples" / "jola.py")]
+    evaluate = ["--eval-batch-size", str(s.args.eval_batch_size)]
+    d.mkdir(parents=True, exist_ok=True)
+    cells = {}
+    for l0 in s.args.jola_l0_grid:
+        for lr in s.args.lr_grid:
+            name, cell = f"jola_l0{l0:g}_lr{lr:g}", d / f"jola_l0{l0:g}_lr{lr:g}"
+            s.run(f"{tag}/{name}/train", "train.py", [*common, "--intervention-arg", f"l0={l0}", "--lr-v", str(lr),
+                                                       "--no-eval", "--out", str(cell)], cell / "metrics.json", cell)
+            val = s.run(f"{tag}/{name}/val", "eval.py", [*common, *evaluate, "--split", "val", "--adapter",
+                                                         str(cell / "adapter.safetensors"),
+                                                         "--out", str(d / f"val_{name}.json")], d / f"val_{name}.json")
+            if val:
+                cells[(l0, lr)] = (score(task, val["summary"]), cell, name)
+    if not cells or len(cells) < len(s.args.jola_l0_grid) * len(s.args.lr_grid):
+        return
+    (l0, lr), (_, best, name) = max(cells.items(), key=lambda kv: kv[1][0])
+    write_json_atomically(d / "jola_chosen.json", {"l0": l0, "lr_v": lr, "validation": {
+        n: round(v, 4) for v, _, n in cells.values()}})
+    test = s.run(f"{tag}/jola", "eval.py", [*common, *evaluate, "--adapter", str(best / "adapter.safetensors"),
+                                            "--out", str(d / "jola.json")], d / "jola.json")
+    if test is not None:
+        trained = json.loads((best / "metrics.json").read_text())["trainable_parameters"]
+        rows.append(row(spec, f"JoLA (l0 {l0:g}, lr {lr:g})", test["summary"], trained,
+                        s.seconds(f"{tag}/{name}/train", f"{tag}/jola")))
+
+
 def row(spec: str, method: str, summary: dict, trainable: int, seconds: float) -> dict:
     task, _ = split_task(spec)
     return {"task": spec, "method": method, **{m: round(summary[m], 4) for m in METRICS[task]},
@@ -189,6 +223,10 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--k-grid", nargs="+", type=int, default=[4, 8, 16], help="K values tried on validation")
     p.add_argument("--lr-grid", nargs="+", type=float, default=[1e-2], help="stage-2 learning rates tried")
+    p.add_argument("--jola", action="store_true", help="also the JoLA row (examples/jola.py)")
+    p.add_argument("--only-jola", action="store_true", help="only the JoLA row of each task")
+    p.add_argument("--jola-l0-grid", nargs="+", type=float, default=[1e-3, 1e-2],
+                   help="JoLA's expected-L0 penalty weights tried on validation")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads per step")
     p.add_argument("--dry-run", action="store_true",
@@ -197,7 +235,10 @@ def main(argv=None):
     s, rows, chosen = Study(args), [], {}
     s.out.mkdir(parents=True, exist_ok=True)
     for spec in args.tasks:
-        chosen[spec] = study_task(s, spec, rows)
+        if not args.only_jola:
+            chosen[spec] = study_task(s, spec, rows)
+        if args.jola or args.only_jola:
+            study_jola(s, spec, rows)
         write_table(s, rows)
     for spec in args.tasks:
         if chosen.get(spec):
