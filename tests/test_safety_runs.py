@@ -252,3 +252,44 @@ def test_study_refuses_a_task_another_study_command_is_running(tmp_path, capsys)
     with rundir.hold(tmp_path / "study" / "clutrr", command="python experiments/smollm2.py --the-first-study"):
         assert study(tmp_path) == 2
     one_line_error(capsys, "in use by another run", "--the-first-study")
+
+
+# ---------------------------------------------------------------------------------------------
+# A job started by hand (no torchrun) whose other process never starts
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank, words", [(0, "not all 2 processes started"), (1, "RANK 0 was not reachable")])
+def test_a_manual_launch_whose_other_rank_never_starts_says_what_it_waits_for_and_gives_up(
+        capsys, monkeypatch, rank, words):
+    for name, value in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=free_port(), LOFIT_JOIN_TIMEOUT=1).items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    argv = ["--task", "clutrr", "--model", str(STORIES260K), "--data-dir", str(SPLITS_DIR), "--limit", "1",
+            "--quiet", "--device", "cpu"]
+    assert evaluation.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"rank {rank}: waiting up to 1 s for " + ("the other process(es) (RANK 1)" if rank == 0 else "RANK 0") in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert all(w in errors[0] for w in (words, "within 1 s", "or use torchrun")), err
+
+
+def test_a_manual_two_process_launch_runs(tmp_path):
+    port, out = free_port(), tmp_path / "results.json"
+    argv = [sys.executable, "eval.py", "--task", "clutrr", "--model", str(STORIES260K), "--data-dir", str(SPLITS_DIR),
+            "--limit", "4", "--quiet", "--device", "cpu", "--out", str(out)]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(subprocess_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOFIT_JOIN_TIMEOUT="120"))
+             for r in (1, 0)]  # rank 1 first: it waits for rank 0's port
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    results = json.loads(out.read_text())
+    assert results["config"]["world_size"] == 2 and results["summary"]["n"] == 4
