@@ -1,4 +1,4 @@
-"""One run per output directory, and nothing in it lost: the --out directory of train.py and iti.py.
+"""One run per output directory, and nothing in it lost: the --out of train.py, iti.py and eval.py, the study's.
 
     with claim(out, OUTPUT_FILES, overwrite=args.overwrite, resume=args.resume, checkpoint="checkpoint.pt",
                command=command_line("train.py", argv)):
