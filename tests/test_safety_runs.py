@@ -69,6 +69,20 @@ def test_a_stray_marker_beside_a_finished_run_never_removes_its_outputs(tmp_path
     assert snapshot(out) == before
 
 
+def test_a_train_run_killed_while_committing_is_finished_by_whichever_command_comes_next(tmp_path, capsys):
+    """The marker names the command; its checkpoint is dropped even by iti.py, which keeps none."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"seconds": 1.0}')
+    (out / "checkpoint.pt").write_text("stale")
+    (out / rundir.MARKER).write_text(json.dumps({"phase": "committing", "pid": 1, "host": "h", "started": "t",
+                                                 "command": "python train.py --task mquake --out run"}))
+    with pytest.raises(UsageError, match="already holds another run's outputs"):
+        with rundir.claim(out, iti.OUTPUT_FILES, command="python iti.py --out run"):
+            pass
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
 def test_a_second_eval_into_the_same_out_is_refused(tmp_path, capsys):
     results = tmp_path / "results.json"
     holder = textwrap.dedent(f"""
