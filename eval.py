@@ -15,6 +15,7 @@ Prompts: data/ and ../shared/docs/tasks.md. Metrics and extraction rules: metric
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from adapter import load_adapter
 from data import TASK_INFO, TASKS, Example, load_examples
 from lofit import INTERVENTIONS, answer_logprobs
+from machinery import rundir
 from machinery.checkpoints import read_model_config
 from machinery.distributed import (
     Dist,
@@ -389,11 +391,12 @@ def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int, split: s
         print(f"warning: adapter {path} was trained on {meta['task']}, evaluated here on {task}", file=sys.stderr)
 
 
-def save_results(path: Path, results: dict) -> int:
-    """Write --out; if that fails, keep the results in a file elsewhere (or on stdout) and say where."""
+def save_results(path: Path, results: dict, overwrite: bool = False) -> int:
+    """Write --out (never over a file another process wrote meanwhile, unless `overwrite`); if that
+    fails, keep the results in a file elsewhere (or on stdout) and say where."""
     remove_temporaries(path.parent, name=path.name, older_than=600)  # left by a killed eval.py
     try:
-        write_json_atomically(path, results)
+        write_json_atomically(path, results, replace=overwrite)
         return 0
     except WriteError as err:
         fallback = Path(tempfile.gettempdir()) / f"lofit-results-{os.getpid()}.json"
@@ -406,14 +409,29 @@ def save_results(path: Path, results: dict) -> int:
         return report_error(UsageError(f"{err}; {kept}"))
 
 
+def hold_results_file(args, d: Dist, argv):
+    """Rank 0 holds --out from the start until it is written (rundir.claim_file): a second eval.py
+    into the same file is refused, not silently overwritten."""
+    if args.out is None or not d.main:
+        return contextlib.nullcontext()
+    return rundir.claim_file(args.out, overwrite=args.overwrite, command=rundir.command_line("eval.py", argv))
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
         d = setup_distributed(args.device)
         finished = False
         try:
-            results = run(args, d)
-            finished = True
+            with hold_results_file(args, d, argv):
+                results = run(args, d)
+                finished = True
+                if d.main:
+                    print(json_text(results["summary"], name="summary"))
+                    if args.out is not None:
+                        return save_results(Path(args.out), results, overwrite=args.overwrite)
+                return 0
         finally:
             close_distributed(finished)
     except LofitError as err:
@@ -422,12 +440,6 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
-    if not d.main:
-        return 0
-    print(json_text(results["summary"], name="summary"))
-    if args.out is not None:
-        return save_results(Path(args.out), results)
-    return 0
 
 
 if __name__ == "__main__":

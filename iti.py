@@ -331,7 +331,7 @@ def fit_iti(model, tokenizer, train_examples, val_examples, *, batch_size: int =
 # Command line: ITI on a task -> heads.json, adapter.safetensors, metrics.json, eval_details.json
 
 
-OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json")
+OUTPUT_FILES = rundir.RUNS["iti.py"].outputs  # rundir.py knows what each command writes
 
 
 @dataclass

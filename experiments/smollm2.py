@@ -25,11 +25,15 @@ continued by running the same command. Each step's command and wall time go to -
 results.json and results.md (one row per task and method: metrics, trainable parameters, wall
 time) are rebuilt after every task, for the --tasks of that command (--dry-run rebuilds them for
 every finished step without running anything). Two commands with different --tasks may run at once
-into the same --out (one per core).
+into the same --out (one per core); each holds its tasks' directories (machinery/rundir.py), so two
+commands with the same task are refused instead of writing the same files. Ctrl-C, a failed step or
+a damaged steps.json or result file ends the study with one line saying how to continue.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -40,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machinery import rundir  # noqa: E402
+from model import LofitError  # noqa: E402
 from storage.atomic import write_atomically, write_json_atomically  # noqa: E402
 
 GGUF = ROOT.parent / "shared" / "weights" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,11 +54,37 @@ OTHER = {"truthfulqa": "mquake", "mquake": "truthfulqa:0", "clutrr": "mquake"}  
 METRICS = {"truthfulqa": ("mc1", "mc2", "mc3"), "mquake": ("accuracy",), "clutrr": ("accuracy",)}
 
 
+class StudyError(LofitError):
+    """A step failed or a file of the study is damaged; the message says how to continue."""
+
+
+def read_json(path: Path, what: str, remedy: str) -> dict:
+    """The JSON object in `path`, or a StudyError naming the damaged file and `remedy`."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StudyError(f"{what} {path} cannot be read ({type(e).__name__}: {e}); {remedy}") from None
+    if not isinstance(content, dict):
+        raise StudyError(f"{what} {path} does not hold a JSON object; {remedy}")
+    return content
+
+
+def read_steps(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    return read_json(path, "the step log", "move it away and rerun the same command (finished steps are found by "
+                                           "their results and skipped; only their recorded times are lost)")
+
+
+def read_result(path: Path) -> dict:
+    return read_json(path, "the step result", "delete it and rerun the same command: that step runs again")
+
+
 class Study:
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
         self.log_path = self.out / "steps.json"
-        self.steps = json.loads(self.log_path.read_text()) if self.log_path.is_file() else {}
+        self.steps = read_steps(self.log_path)
 
     def common(self, task: str, fold: int | None) -> list[str]:
         flags = ["--task", task, "--model", str(self.args.gguf), "--dtype", "float32"]
@@ -62,7 +94,7 @@ class Study:
     def run(self, name: str, script: str, flags: list[str], result: Path, train_dir: Path | None = None) -> dict | None:
         """Run one step unless its result exists; return the result's JSON (None in a dry run)."""
         if result.is_file():
-            return json.loads(result.read_text())
+            return read_result(result)
         if train_dir is not None and (train_dir / "checkpoint.pt").is_file():
             flags = flags + ["--resume"]
         elif train_dir is not None and train_dir.exists():
@@ -79,13 +111,14 @@ class Study:
             code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         seconds = time.time() - began
         if code != 0 or not result.is_file():
-            sys.exit(f"{name} failed (exit {code}); see {log}. Fix it and rerun the same command to continue.")
+            raise StudyError(f"{name} failed (exit {code}); see {log}. Fix it and rerun the same command to continue.")
         record = self.steps.get(name, {"seconds": 0.0})
-        if self.log_path.is_file():  # another study process (other --tasks) may have logged steps since
-            self.steps = {**json.loads(self.log_path.read_text()), **self.steps}
-        self.steps[name] = {"command": command[1:], "seconds": round(record["seconds"] + seconds, 1)}
-        write_json_atomically(self.log_path, self.steps)
-        return json.loads(result.read_text())
+        with open(self.out / ".steps.json.lock", "a") as lock:  # another study process (other --tasks) may
+            fcntl.flock(lock, fcntl.LOCK_EX)                       # log its steps at the same time
+            self.steps = {**read_steps(self.log_path), **self.steps}
+            self.steps[name] = {"command": command[1:], "seconds": round(record["seconds"] + seconds, 1)}
+            write_json_atomically(self.log_path, self.steps)
+        return read_result(result)
 
     def seconds(self, *names: str) -> float:
         return round(sum(self.steps.get(n, {}).get("seconds", 0.0) for n in names), 1)
@@ -133,7 +166,7 @@ def study_task(s: Study, spec: str, rows: list):
                                              "--out", str(d / "lofit.json")], d / "lofit.json")
     if test is None:  # a dry run
         return None
-    trained = json.loads((best / "metrics.json").read_text())["trainable_parameters"]
+    trained = read_result(best / "metrics.json")["trainable_parameters"]
     rows.append(row(spec, f"LoFiT (K {k}, lr_v {lr:g})", test["summary"], trained,
                     s.seconds(f"{tag}/stage1", f"{tag}/select_k{k}_lr{lr:g}/train", f"{tag}/lofit")))
     chosen_flags = ["--k", str(k), "--lr-v", str(lr)]
@@ -215,7 +248,15 @@ def write_table(s: Study, rows: list):
     write_atomically(s.out / "results.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
-def main(argv=None):
+def hold(s: Study, spec: str):
+    """This command holds the task's directory while it runs the task's steps (none in a dry run)."""
+    if s.args.dry_run:
+        return contextlib.nullcontext()
+    command = rundir.command_line("experiments/smollm2.py", sys.argv[1:])
+    return rundir.hold(s.out / spec.replace(":", "_fold"), command=command)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", default=str(GGUF), help="SmolLM2-135M-Instruct GGUF file")
     p.add_argument("--data-dir", help="datasets directory (default: the project's own copies)")
@@ -232,20 +273,31 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="run nothing: print the commands of the steps still to run, rebuild the table from the rest")
     args = p.parse_args(argv)
-    s, rows, chosen = Study(args), [], {}
-    s.out.mkdir(parents=True, exist_ok=True)
-    for spec in args.tasks:
-        if not args.only_jola:
-            chosen[spec] = study_task(s, spec, rows)
-        if args.jola or args.only_jola:
-            study_jola(s, spec, rows)
-        write_table(s, rows)
-    for spec in args.tasks:
-        if chosen.get(spec):
-            study_other(s, spec, chosen[spec], rows)
+    try:
+        s, rows, chosen = Study(args), [], {}
+        s.out.mkdir(parents=True, exist_ok=True)
+        for spec in args.tasks:
+            with hold(s, spec):
+                if not args.only_jola:
+                    chosen[spec] = study_task(s, spec, rows)
+                if args.jola or args.only_jola:
+                    study_jola(s, spec, rows)
             write_table(s, rows)
+        for spec in args.tasks:
+            if chosen.get(spec):
+                with hold(s, spec):
+                    study_other(s, spec, chosen[spec], rows)
+                write_table(s, rows)
+    except LofitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished steps are kept in {args.out} (a train.py step keeps its last checkpoint); "
+              f"rerun the same command to continue", file=sys.stderr)
+        return 130
     print(f"results in {s.out / 'results.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,11 +38,17 @@ Shared work: the DPO reference pass and evaluation are split across ranks (rank_
 equal shares) and gathered in order on every rank (gather_lists), so 8 processes do 1/8 each.
 The process group waits PROCESS_GROUP_TIMEOUT (not NCCL's 10 minutes) for a slow rank, e.g. one
 still reading a 70B checkpoint. Only rank 0 writes files and shows progress.
+A job started by hand instead of by torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set in each
+process) says what each process waits for and gives up after $LOFIT_JOIN_TIMEOUT seconds (600)
+where another process never starts (join_manual_launch).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -94,12 +100,77 @@ def setup_distributed(device_flag: str) -> Dist:
     cuda = resolve_device(device_flag).startswith("cuda")
     if "WORLD_SIZE" not in os.environ:
         return Dist(device=torch.device(resolve_device(device_flag)))
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                            timeout=PROCESS_GROUP_TIMEOUT)
+                            timeout=PROCESS_GROUP_TIMEOUT, **join_manual_launch())
     return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def join_timeout() -> float:
+    """Seconds a manually launched process waits for the others to start: $LOFIT_JOIN_TIMEOUT, default 600."""
+    text = os.environ.get("LOFIT_JOIN_TIMEOUT", "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise UsageError(f"LOFIT_JOIN_TIMEOUT={text!r} must be a positive number of seconds")
+    return seconds
+
+
+def _wait_for_port(host: str, port: int, seconds: float) -> None:
+    """Return once something listens at host:port; RuntimeError after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"nothing listens at {host}:{port} ({e.strerror or e})") from None
+            time.sleep(0.5)
+
+
+def join_manual_launch() -> dict:
+    """Under torchrun, nothing (its agent gathers the processes and says what it waits for). A job
+    started by hand (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set per process): meet the others
+    at MASTER_ADDR:MASTER_PORT, saying what this process waits for, and give up after join_timeout()
+    with a message instead of waiting silently for a process that never starts. Returns the
+    init_process_group arguments (the store the processes met at, rank and world size)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return {}
+    try:
+        rank, world = int(os.environ.get("RANK", "")), int(os.environ["WORLD_SIZE"])
+        host, port = os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", ""))
+    except ValueError:
+        raise UsageError("a job started without torchrun needs RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set "
+                         "in every process (RANK 0 .. WORLD_SIZE-1); or start it with torchrun") from None
+    if not host or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank}, WORLD_SIZE={world}, MASTER_ADDR={host!r}: each process needs its own RANK "
+                         f"in 0 .. WORLD_SIZE-1 and the same MASTER_ADDR and MASTER_PORT; or start it with torchrun")
+    seconds = join_timeout()
+    if world > 1:
+        others = "RANK 1" if world == 2 else f"RANK 1 .. {world - 1}"
+        waits_for = f"the other process(es) ({others})" if rank == 0 else "RANK 0"
+        print(f"rank {rank}: waiting up to {seconds:g} s for {waits_for} of this {world}-process job at "
+              f"{host}:{port} (LOFIT_JOIN_TIMEOUT sets the wait)", file=sys.stderr, flush=True)
+    try:
+        if rank != 0:  # wait for RANK 0's port here: torch's own client logs every failed try at length
+            _wait_for_port(host, port, seconds)
+        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timedelta(seconds=seconds),
+                              wait_for_workers=True)
+    except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError: a timeout, a port in use
+        missing = f"not all {world} processes started" if rank == 0 else f"RANK 0 was not reachable at {host}:{port}"
+        error = UsageError(f"rank {rank}: the job did not come together within {seconds:g} s ({missing}: "
+                           f"{str(e).splitlines()[0][:160]}); start every RANK 0 .. {world - 1} with the same "
+                           f"MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun")
+        if rank != 0:  # the scripts print only rank 0's errors (under torchrun the others repeat them)
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        raise error from None
+    store.set_timeout(PROCESS_GROUP_TIMEOUT)  # from here on, as patient as the process group
+    return {"store": store, "rank": rank, "world_size": world}
 
 
 def close_distributed(finished: bool = False) -> None:

@@ -23,6 +23,7 @@ output directory of train.py and iti.py, and eval.py's results file.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import math
@@ -209,6 +210,16 @@ def check_flags(args) -> None:
     resolve_device(args.device)  # refuses --device cuda where there is no GPU
 
 
+def _out_kind(out) -> str:
+    """'directory', 'file' or 'missing' for an --out path; UsageError where the system cannot even look
+    (a name longer than the filesystem allows, a part of the path that is a file, ...)."""
+    try:
+        return "directory" if Path(out).is_dir() else "file" if Path(out).exists() else "missing"
+    except OSError as e:
+        hint = "; choose a shorter name" if e.errno == errno.ENAMETOOLONG else ""
+        raise UsageError(f"--out {out} cannot be used: {e.strerror}{hint}") from None
+
+
 def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool = False) -> None:
     """The one check of --out (a directory of outputs) from the flags alone, before anything is loaded.
 
@@ -222,7 +233,7 @@ def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool = False) -> 
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if not str(out).strip():
         raise UsageError("--out is empty; pass an output directory (or leave --out out for the default)")
-    if Path(out).exists() and not Path(out).is_dir():
+    if _out_kind(out) == "file":
         raise UsageError(f"--out {out} is a file; pass a directory")
 
 
@@ -236,12 +247,13 @@ def check_out_file(out: str | Path, *, overwrite: bool = False) -> None:
     if not str(out).strip():
         raise UsageError("--out is empty; pass a file name such as results.json (or leave --out out)")
     out = Path(out)
-    if out.is_dir():
+    kind = _out_kind(out)
+    if kind == "directory":
         raise UsageError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
-    if out.exists() and not overwrite:
+    if kind == "file" and not overwrite:
         raise UsageError(f"--out {out} already exists; pass --overwrite to replace it, or choose another name")
     parent = out.parent.resolve()
-    if not parent.is_dir():
+    if _out_kind(parent) != "directory":
         raise UsageError(f"output directory {out.parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"output directory {out.parent} is not writable; choose another --out")

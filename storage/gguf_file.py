@@ -87,6 +87,36 @@ def _meta(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def _whole(reader, key: str, default=None, *, minimum: int = 1, label: str = "the GGUF file"):
+    """An integer metadata value (at least `minimum`), checked as config.json's sizes are; None if absent."""
+    value = _meta(reader, key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive whole number" if minimum == 1 else f"a whole number of at least {minimum}"
+        raise GGUFError(f"{label}: {key} must be {what}, not {value!r}; the file's metadata is damaged")
+    return value
+
+
+def _positive(reader, key: str, default=None, *, label: str = "the GGUF file"):
+    """A positive, finite real metadata value; None if absent."""
+    value = _meta(reader, key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise GGUFError(f"{label}: {key} must be a positive number, not {value!r}; the file's metadata is damaged")
+    return float(value)
+
+
+def _token_id(reader, key: str, vocab_size: int, label: str = "the GGUF file"):
+    """A token id inside the vocabulary; None if absent."""
+    value = _whole(reader, key, minimum=0, label=label)
+    if value is not None and value >= vocab_size:
+        raise GGUFError(f"{label}: {key} is {value}, past the vocabulary of {vocab_size} tokens; the file's "
+                        f"metadata is damaged")
+    return value
+
+
 def read_gguf_config(reader) -> dict:
     """The config.json dict (HF spelling) a GGUF file's metadata describes (GGUFError for what this code
     cannot run)."""
@@ -95,15 +125,14 @@ def read_gguf_config(reader) -> dict:
         raise GGUFError(f"GGUF architecture {arch!r} is not supported (only 'llama'); use the model's "
                         f"Hugging Face checkpoint instead")
     a = f"{arch}."
-    try:
-        hidden, heads = int(_meta(reader, a + "embedding_length")), int(_meta(reader, a + "attention.head_count"))
-        n_layers, inter = int(_meta(reader, a + "block_count")), int(_meta(reader, a + "feed_forward_length"))
-    except TypeError:
+    required = [a + k for k in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length")]
+    if any(_meta(reader, key) is None for key in required):
         raise GGUFError("the GGUF file lacks llama.embedding_length, attention.head_count, block_count or "
-                        "feed_forward_length; it is not a complete llama model") from None
-    head_dim = int(_meta(reader, a + "attention.key_length", hidden // heads))
-    rope_dim = int(_meta(reader, a + "rope.dimension_count", head_dim))
-    if rope_dim != head_dim or int(_meta(reader, a + "attention.value_length", head_dim)) != head_dim:
+                        "feed_forward_length; it is not a complete llama model")
+    hidden, heads, n_layers, inter = (_whole(reader, key) for key in required)
+    head_dim = _whole(reader, a + "attention.key_length", hidden // heads)
+    rope_dim = _whole(reader, a + "rope.dimension_count", head_dim)
+    if rope_dim != head_dim or _whole(reader, a + "attention.value_length", head_dim) != head_dim:
         raise GGUFError(f"RoPE over {rope_dim} of {head_dim} head dimensions (or a different value size) "
                         f"is not supported")
     scaling = _meta(reader, a + "rope.scaling.type", "none")
@@ -113,20 +142,26 @@ def read_gguf_config(reader) -> dict:
         raise GGUFError("this GGUF file carries per-frequency rope factors (rope_freqs.weight, Llama-3.1 style), "
                         "which this loader does not read; use the model's Hugging Face checkpoint")
     tokens = _meta(reader, "tokenizer.ggml.tokens") or []
+    vocab = _whole(reader, a + "vocab_size", len(tokens) or None)
+    if vocab is None:
+        raise GGUFError("the GGUF file has neither llama.vocab_size nor a tokenizer vocabulary; it is not a "
+                        "complete llama model")
+    if scaling == "linear" and _meta(reader, a + "rope.scaling.factor") is None:
+        raise GGUFError("the GGUF file names linear rope scaling without llama.rope.scaling.factor")
     names = {t.name for t in reader.tensors}
     return {
-        "model_type": "llama", "vocab_size": int(_meta(reader, a + "vocab_size", len(tokens))),
+        "model_type": "llama", "vocab_size": vocab,
         "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": n_layers,
-        "num_attention_heads": heads, "num_key_value_heads": int(_meta(reader, a + "attention.head_count_kv", heads)),
-        "head_dim": head_dim, "rms_norm_eps": float(_meta(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_meta(reader, a + "rope.freq_base", 10000.0)),
-        "rope_scaling": {"rope_type": "linear", "factor": float(_meta(reader, a + "rope.scaling.factor"))}
+        "num_attention_heads": heads, "num_key_value_heads": _whole(reader, a + "attention.head_count_kv", heads),
+        "head_dim": head_dim, "rms_norm_eps": _positive(reader, a + "attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": _positive(reader, a + "rope.freq_base", 10000.0),
+        "rope_scaling": {"rope_type": "linear", "factor": _positive(reader, a + "rope.scaling.factor")}
         if scaling == "linear" else None,
-        "max_position_embeddings": int(_meta(reader, a + "context_length", 4096)),
+        "max_position_embeddings": _whole(reader, a + "context_length", 4096),
         "attention_bias": "blk.0.attn_q.bias" in names,
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _token_id(reader, "tokenizer.ggml.bos_token_id", vocab),
+        "eos_token_id": _token_id(reader, "tokenizer.ggml.eos_token_id", vocab),
     }
 
 
@@ -183,8 +218,26 @@ def gguf_tokenizer(reader, label: str) -> GGUFTokenizer:
     merges = _meta(reader, "tokenizer.ggml.merges")
     if not tokens or not merges:
         raise GGUFError(f"{label}: the GGUF file has no tokenizer vocabulary or merges")
-    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)},
-                     merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False)
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"{label}: tokenizer.ggml.tokens is not a list of strings; the file's metadata is damaged")
+    if not isinstance(types, list) or not all(isinstance(t, int) for t in types):
+        raise GGUFError(f"{label}: tokenizer.ggml.token_type is not a list of numbers; the file's metadata is damaged")
+    pairs = [m.split(" ") if isinstance(m, str) else None for m in (merges if isinstance(merges, list) else [None])]
+    bad = next((i for i, pair in enumerate(pairs) if pair is None or len(pair) != 2 or not all(pair)), None)
+    if bad is not None:
+        shown = repr(merges[bad]) if isinstance(merges, list) else repr(merges)[:40]
+        raise GGUFError(f"{label}: tokenizer.ggml.merges entry {bad} is {shown}, not two tokens separated by "
+                        f"one space; the file's metadata is damaged")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    unknown = next((m for m, pair in zip(merges, pairs) if not all(t in vocab for t in pair)), None)
+    if unknown is not None:
+        raise GGUFError(f"{label}: tokenizer.ggml.merges entry {unknown!r} joins tokens that are not in the "
+                        f"vocabulary; the file's metadata is damaged")
+    try:
+        bpe = models.BPE(vocab=vocab, merges=[tuple(pair) for pair in pairs], fuse_unk=False, byte_fallback=False)
+    except Exception as e:  # the tokenizers library's own refusal
+        raise GGUFError(f"{label}: the GGUF tokenizer cannot be built ({e}); the file's metadata is damaged") \
+            from None
     backend = tokenizers.Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     backend.pre_tokenizer = byte_level if pre == "gpt-2" else \
@@ -193,9 +246,10 @@ def gguf_tokenizer(reader, label: str) -> GGUFTokenizer:
     # token_type 3 = control (e.g. <|im_end|>): matched whole in text and skipped when decoding.
     backend.add_special_tokens([tokenizers.AddedToken(tok, special=True, normalized=False)
                                 for tok, kind in zip(tokens, types) if kind == 3])
-    eos = _meta(reader, "tokenizer.ggml.eos_token_id")
+    eos = _token_id(reader, "tokenizer.ggml.eos_token_id", len(tokens), label)
     if eos is None:
         raise GGUFError(f"{label}: the GGUF file names no EOS token (tokenizer.ggml.eos_token_id)")
-    bos = _meta(reader, "tokenizer.ggml.bos_token_id") if _meta(reader, "tokenizer.ggml.add_bos_token", False) else None
-    pad = _meta(reader, "tokenizer.ggml.padding_token_id")
-    return GGUFTokenizer(backend, None if bos is None else int(bos), int(eos), int(eos if pad is None else pad))
+    bos = _token_id(reader, "tokenizer.ggml.bos_token_id", len(tokens), label) \
+        if _meta(reader, "tokenizer.ggml.add_bos_token", False) else None
+    pad = _token_id(reader, "tokenizer.ggml.padding_token_id", len(tokens), label)
+    return GGUFTokenizer(backend, bos, eos, eos if pad is None else pad)
