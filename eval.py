@@ -46,6 +46,7 @@ from machinery.distributed import (
     setup_distributed,
 )
 from machinery.flags import (
+    THREADS_HELP,
     UsageError,
     add_common_flags,
     add_intervention_flags,
@@ -55,6 +56,7 @@ from machinery.flags import (
     report_error,
     resolve_device,
     resolve_dtype,
+    set_threads,
 )
 from machinery.report import (
     base_scores,
@@ -336,6 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write summary and details to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the report is still printed)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--no-baseline", action="store_true", help="with --adapter: do not score the base model for "
                    "the report (its scores are cached once per model, task, split, fold and limit)")
     return p.parse_args(argv)
@@ -385,7 +388,9 @@ def run(args, d: Dist | None = None) -> dict:
     dtype = getattr(torch, resolve_dtype(args.dtype, device))
     examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
                               train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
-    sharding, _ = choose_sharding(args.sharding, read_model_config(args.model), dtype, d)
+    model_config = read_model_config(args.model)
+    set_threads(args.threads, model_config)
+    sharding, _ = choose_sharding(args.sharding, model_config, dtype, d)
     seconds = {}  # wall time per phase, for the results and the report
     with timed(seconds, "load"):
         model = load_model(args.model, d, dtype, sharding, progress=not args.quiet)

@@ -112,6 +112,7 @@ class TrainConfig:
     stop_after: int | None = flag(None, "stop after this many epochs (both stages counted), keeping the "
                                   "checkpoint for --resume", metavar="EPOCHS")
     no_eval: bool = flag(False, "skip the test-set evaluation (score it later with eval.py)")
+    threads: int | None = flag(None, flags.THREADS_HELP)
     no_baseline: bool = flag(False, "do not score the base model on the test set for the report (its scores "
                              "are cached once per model, task, fold and limit)")
     wandb: str | None = flag(None, "also log every step to this Weights & Biases project", metavar="PROJECT")
@@ -373,6 +374,7 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     """Load, choose heads (stage 1 or another way), train stage 2, evaluate, write every output."""
     started, seconds = time.time(), {}  # seconds: wall time per phase, for metrics.json and the report
     config = read_model_config(cfg.model)
+    flags.set_threads(cfg.threads, config)  # the banner says how many
     hp = resolve_hparams(cfg, config, d.device.type)
     form = flags.resolve_intervention(cfg.intervention, cfg.intervention_arg)
     try:
