@@ -232,7 +232,9 @@ def format_report(r: dict) -> str:
     """The end-of-run report as Markdown (readable on a terminal too). `r` holds: title, scope (what was
     scored), comparison (compare's, or None), intervals ({metric: bootstrap_interval} when there is no
     base), base (base_scores' or None), skipped (why not), trained (lines), seconds, outputs, next (commands)."""
-    lines = [f"## {r['title']}", "", r["scope"] + "; 95% paired bootstrap intervals (10,000 resamples)", ""]
+    scored = r.get("comparison") or r.get("intervals")
+    lines = [f"## {r['title']}", "", r["scope"] + ("; 95% bootstrap intervals (10,000 resamples, paired)"
+                                                   if scored else ""), ""]
     if r.get("comparison"):
         lines += comparison_table(r["comparison"], ("base", "tuned"))
     elif r.get("intervals"):
@@ -240,7 +242,7 @@ def format_report(r: dict) -> str:
             f"| {m} | {s['mean']:.3f} [{s['interval'][0]:.3f}, {s['interval'][1]:.3f}] |"
             for m, s in r["intervals"].items()]
     else:
-        lines.append("not evaluated (--no-eval)")
+        lines.append(f"not evaluated ({r.get('skipped', '--no-eval')})")
     lines += ["", f"- {base_note(r.get('base'), r.get('skipped', '--no-baseline'))}"]
     lines += [f"- {line}" for line in r.get("trained", [])]
     total = sum(r["seconds"].values())
