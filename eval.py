@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from adapter import load_adapter
 from data import TASK_INFO, TASKS, Example, load_examples
-from lofit import INTERVENTIONS, answer_logprobs
+from lofit import INTERVENTIONS, answer_logprobs, offsets_disabled
 from machinery import rundir
 from machinery.checkpoints import read_model_config
 from machinery.distributed import (
@@ -41,6 +41,7 @@ from machinery.distributed import (
     setup_distributed,
 )
 from machinery.flags import (
+    THREADS_HELP,
     UsageError,
     add_common_flags,
     add_intervention_flags,
@@ -50,10 +51,22 @@ from machinery.flags import (
     report_error,
     resolve_device,
     resolve_dtype,
+    set_threads,
+)
+from machinery.report import (
+    base_scores,
+    baseline_key,
+    compare,
+    compare_runs,
+    comparison_table,
+    format_report,
+    intervals,
+    load_scored,
+    timed,
 )
 from metrics import clutrr_extract, keyword_extract, mc_metrics, mean_over_folds, mquake_correct, mquake_prediction
 from model import KVCache, Llama, LofitError
-from storage.atomic import WriteError, json_text, remove_temporaries, write_json_atomically
+from storage.atomic import WriteError, json_text, remove_temporaries, write_json_atomically, write_text_atomically
 from tokenizer import load_tokenizer
 
 
@@ -290,8 +303,24 @@ def evaluate_split(model, tokenizer, task: str, examples: list, d: Dist, **kwarg
 # Command line
 
 
+COMPARE_HELP = ("compare two scored runs per question (eval_details.json, eval.py --out files or train.py run "
+                "directories): B - A with 95%% bootstrap intervals and p-values; takes only --out and --overwrite")
+
+
+def parse_compare_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Compare two scored runs on the questions both scored.")
+    p.add_argument("--compare", nargs=2, required=True, metavar=("A", "B"), help=COMPARE_HELP)
+    p.add_argument("--out", default=None, help="write the comparison to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    return p.parse_args(argv)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compare" in argv:
+        return parse_compare_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help=COMPARE_HELP)
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     add_common_flags(p, model_default=None)
     add_sharding_flag(p)
@@ -304,7 +333,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-prefix-cache", action="store_true", help="TruthfulQA: score every full prompt")
     p.add_argument("--out", default=None, help="write summary and details to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the report is still printed)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    p.add_argument("--no-baseline", action="store_true", help="with --adapter: do not score the base model for "
+                   "the report (its scores are cached once per model, task, split, fold and limit)")
     return p.parse_args(argv)
 
 
@@ -352,26 +384,87 @@ def run(args, d: Dist | None = None) -> dict:
     dtype = getattr(torch, resolve_dtype(args.dtype, device))
     examples = [load_examples(args.task, args.split, fold=f, data_dir=args.data_dir,
                               train_size=0 if args.split == "train" else None)[:args.limit] for f in folds]
-    sharding, _ = choose_sharding(args.sharding, read_model_config(args.model), dtype, d)
-    model = load_model(args.model, d, dtype, sharding, progress=not args.quiet)
-    tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
-    summaries, details = [], []
+    model_config = read_model_config(args.model)
+    set_threads(args.threads, model_config)
+    sharding, _ = choose_sharding(args.sharding, model_config, dtype, d)
+    seconds = {}  # wall time per phase, for the results and the report
+    with timed(seconds, "load"):
+        model = load_model(args.model, d, dtype, sharding, progress=not args.quiet)
+        tokenizer = load_tokenizer(args.model, backend=args.tokenizer)
+    summaries, details, bases = [], [], []
     for k, fold in enumerate(folds):
+        def score(fold=fold, k=k):
+            result = evaluate_split(model, tokenizer, args.task, examples[k], d, batch_size=args.eval_batch_size,
+                                    progress=not args.quiet and d.main, prefix_cache=not args.no_prefix_cache)
+            if args.task == "truthfulqa":
+                result["summary"]["fold"] = fold
+                result["details"] = [{"fold": fold, **row} for row in result["details"]]
+            return result
         if args.adapter:
             load_adapter_or_fail(args.adapter[k], model, args.task, fold, args.split)
-        result = evaluate_split(model, tokenizer, args.task, examples[k], d, batch_size=args.eval_batch_size,
-                                progress=not args.quiet and d.main, prefix_cache=not args.no_prefix_cache)
-        if args.task == "truthfulqa":
-            result["summary"]["fold"] = fold
-            details += [{"fold": fold, **d} for d in result["details"]]
-        else:
-            details += result["details"]
+            if not args.no_baseline:  # the same questions without the adapter, for the report
+                def score_base(score=score):
+                    with offsets_disabled(model):
+                        return score()
+                key = baseline_key(model=args.model, task=args.task, split=args.split, fold=fold, limit=args.limit,
+                                   dtype=str(dtype).removeprefix("torch."), tokenizer=args.tokenizer,
+                                   data_dir=args.data_dir)
+                with timed(seconds, "base model"):
+                    bases.append(base_scores(key, score_base, d))
+        with timed(seconds, "evaluation"):
+            result = score()
+        details += result["details"]
         summaries.append(result["summary"])
     summary = mean_over_folds(summaries) if len(summaries) > 1 else summaries[0]
     config = {"task": args.task, "model": args.model, "adapter": args.adapter, "split": args.split,
               "folds": folds, "limit": args.limit, "dtype": str(dtype).removeprefix("torch."), "device": device,
               "world_size": d.world, "sharding": d.sharding}
-    return {"config": config, "summary": summary, "details": details}
+    results = {"config": config, "summary": summary, "details": details, "seconds": seconds}
+    if bases:
+        results["base"] = [{k: b[k] for k in ("summary", "computed_at", "cached", "path")} for b in bases]
+        results["comparison"] = compare([row for b in bases for row in b["details"]], details)
+    else:
+        results["intervals"] = intervals(details)
+    return results
+
+
+def eval_report(args, results: dict) -> str:
+    """format_report for one eval.py run: the adapter against the base model, or one model's scores."""
+    config = results["config"]
+    fold = f", fold {args.fold}" if args.task == "truthfulqa" else ""
+    commands = [f"python eval.py --compare OTHER_RESULTS.json {args.out or 'THESE_RESULTS.json'}"]
+    if args.adapter:
+        commands.append(f"python export.py --adapter {args.adapter[0]} --model {args.model} --format merged "
+                        f"--out {Path(args.adapter[0]).parent}-merged")
+    return format_report({
+        "title": f"{args.task} on {args.model}" + (f" with {', '.join(args.adapter)}" if args.adapter else ""),
+        "scope": f"{args.task} {config['split']} split, {results['summary']['n']} questions{fold}",
+        "comparison": results.get("comparison"), "intervals": results.get("intervals"),
+        "base": results["base"][0] if results.get("base") else None,
+        "skipped": "--no-baseline" if args.no_baseline else "no --adapter: this model is the one scored",
+        "seconds": results["seconds"], "next": commands,
+        "outputs": f"{args.out} and {summary_path(args.out)}" if args.out else "none (no --out)"})
+
+
+def summary_path(out: str) -> Path:
+    """eval.py's report beside --out: results.json -> results.summary.md."""
+    return Path(out).with_name(Path(out).stem + ".summary.md")
+
+
+def compare_main(args) -> int:
+    """eval.py --compare A B: the per-question comparison, as a table and (with --out) JSON."""
+    try:
+        if args.out is not None:
+            check_out_file(args.out, overwrite=args.overwrite)
+        result = compare_runs(load_scored(args.compare[0]), load_scored(args.compare[1]))
+    except LofitError as err:
+        return report_error(err)
+    n = next(iter(result["metrics"].values()))["n"]
+    fold = f" fold {result['fold']}" if result["fold"] is not None else ""
+    print(f"A = {result['a']}, B = {result['b']}\n{result['task']} {result['split'] or ''}{fold}: {n} questions "
+          f"scored by both; 95% paired bootstrap intervals, exact McNemar (0/1 metrics) or sign test\n")
+    print("\n".join(comparison_table(result["metrics"], ("A", "B"))))
+    return save_results(Path(args.out), result) if args.out is not None else 0
 
 
 def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int, split: str = "test") -> None:
@@ -420,6 +513,8 @@ def hold_results_file(args, d: Dist, argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.compare:
+        return compare_main(args)
     try:
         d = setup_distributed(args.device)
         finished = False
@@ -427,11 +522,17 @@ def main(argv=None) -> int:
             with hold_results_file(args, d, argv):
                 results = run(args, d)
                 finished = True
-                if d.main:
-                    print(json_text(results["summary"], name="summary"))
-                    if args.out is not None:
-                        return save_results(Path(args.out), results, overwrite=args.overwrite)
-                return 0
+                if not d.main:
+                    return 0
+                print(json_text(results["summary"], name="summary"))
+                report = eval_report(args, results)
+                print("\n" + report, file=sys.stderr)  # stdout keeps only the JSON summary
+                if args.out is None:
+                    return 0
+                code = save_results(Path(args.out), results, overwrite=args.overwrite)
+                if code == 0:
+                    write_text_atomically(summary_path(args.out), report)
+                return code
         finally:
             close_distributed(finished)
     except LofitError as err:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,13 +38,22 @@ from machinery.checkpoints import read_model_config
 from machinery.distributed import Dist, close_distributed, load_model, rank_share
 from machinery.flags import UsageError, flag
 from machinery.heads_file import heads_file_source, plot_heads, random_ranking, read_heads_file, write_heads_file
-from machinery.runlog import StepLog
+from machinery.report import (
+    base_scores,
+    baseline_key,
+    code_version,
+    compare,
+    format_report,
+    intervals,
+    library_versions,
+    timed,
+)
+from machinery.runlog import StepLog, plot_loss
 from model import LofitError
-from storage.atomic import WriteError, reported_write, write_json_atomically
+from storage.atomic import WriteError, reported_write, write_json_atomically, write_text_atomically
 from tokenizer import BACKENDS, load_tokenizer
 
-OUTPUT_FILES = ("config.json", "heads.json", "adapter.safetensors", "metrics.json", "metrics.jsonl",
-                "eval_details.json", "heads.png", "checkpoint.pt")
+OUTPUT_FILES = rundir.RUNS["train.py"].outputs  # rundir.py knows what each command writes
 
 # method.md: (stage-1 lr, lambda, stage-2 lr, K) for each task and model of the paper.
 PAPER_TABLE = {
@@ -103,6 +111,9 @@ class TrainConfig:
     stop_after: int | None = flag(None, "stop after this many epochs (both stages counted), keeping the "
                                   "checkpoint for --resume", metavar="EPOCHS")
     no_eval: bool = flag(False, "skip the test-set evaluation (score it later with eval.py)")
+    threads: int | None = flag(None, flags.THREADS_HELP)
+    no_baseline: bool = flag(False, "do not score the base model on the test set for the report (its scores "
+                             "are cached once per model, task, fold and limit)")
     wandb: str | None = flag(None, "also log every step to this Weights & Biases project", metavar="PROJECT")
 
     def __post_init__(self):
@@ -372,8 +383,9 @@ def banner(cfg: TrainConfig, hp: Hparams, form, d: Dist, sharding, n_train: int,
 
 def run(cfg: TrainConfig, d: Dist) -> int:
     """Load, choose heads (stage 1 or another way), train stage 2, evaluate, write every output."""
-    started = time.time()
+    started, seconds = time.time(), {}  # seconds: wall time per phase, for metrics.json and the report
     config = read_model_config(cfg.model)
+    flags.set_threads(cfg.threads, config)  # the banner says how many
     hp = resolve_hparams(cfg, config, d.device.type)
     form = flags.resolve_intervention(cfg.intervention, cfg.intervention_arg)
     try:
@@ -392,7 +404,7 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     record = {"flags": asdict(cfg), "resolved": asdict(hp), "intervention": key["intervention"],
               "world_size": d.world, "device": str(d.device),
               "sharding": {"choice": sharding[0], "reason": sharding[1]},
-              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+              "code_version": code_version(), "versions": library_versions()}
     tokenizer = load_tokenizer(cfg.model, backend=cfg.tokenizer)
     examples = load_examples(cfg.task, "train", fold=cfg.fold, data_dir=cfg.data_dir, train_size=cfg.train_size,
                              seed=cfg.seed)
@@ -408,18 +420,20 @@ def run(cfg: TrainConfig, d: Dist) -> int:
         write_json_atomically(Path(cfg.out) / "config.json", record)
 
     say(d, f"loading {cfg.model} ({hp.dtype}) ...")
-    began = time.time()
-    model = load_model(cfg.model, d, getattr(torch, hp.dtype), sharding[0], progress=True)
-    say(d, f"model loaded in {time.time() - began:.1f} s")
+    with timed(seconds, "load"):
+        model = load_model(cfg.model, d, getattr(torch, hp.dtype), sharding[0], progress=True)
+    say(d, f"model loaded in {seconds['load']:.1f} s")
     lofit.check_form(model, form)  # its parameters, its edit at zero and its merge, before any training
     warn_beyond_context(model, [len(ids) for ids in data.sequences()], "training sequences", d.main)
     if data.loss == "dpo":
         say(d, f"DPO reference pass: the base model's log-probs of {len(data.items)} answer pairs")
-        data.reference = reference_logprobs(model, data, cfg.eval_batch_size, d, progress=True)
+        with timed(seconds, "reference"):
+            data.reference = reference_logprobs(model, data, cfg.eval_batch_size, d, progress=True)
     run = Run(cfg, hp, key, given, d, StepLog(Path(cfg.out), d.main, cfg.wandb, record), form)
-    metrics = {"train_loss": {}}
+    metrics = {"train_loss": {}, "seconds": seconds}
     try:
-        chosen = choose_heads(run, model, tokenizer, examples, data, resume, metrics)
+        with timed(seconds, "stage 1" if cfg.stage != "2" else "heads"):
+            chosen = choose_heads(run, model, tokenizer, examples, data, resume, metrics)
         ranking, source = distributed.same_on_every_rank(chosen, d)
         selected = lofit.select_heads([lofit.HeadScore(*r) for r in ranking],
                                       k=len(ranking) if form.selects_heads and cfg.stage != "1" else hp.k)
@@ -433,20 +447,36 @@ def run(cfg: TrainConfig, d: Dist) -> int:
                                     generator=torch.Generator().manual_seed(cfg.seed))
         metrics["trainable_parameters"] = lofit.trainable_count(model)  # LoFiT: K x head_dim
         extra = {"ranking": [list(r) for r in ranking], "source": source, "train_loss": metrics["train_loss"]}
-        metrics["train_loss"]["stage2"] = train_stage(run, 2, model, params, data,
-                                                      resume if resume and resume["stage"] == 2 else None, extra)
+        with timed(seconds, "stage 2"):
+            metrics["train_loss"]["stage2"] = train_stage(run, 2, model, params, data,
+                                                          resume if resume and resume["stage"] == 2 else None, extra)
     except Stopped:
         say(d, f"stopped after {run.epochs_run} epoch(s) as asked (--stop-after); "
                f"continue with the same flags and --resume")
         run.log.close()
         return 0
     if not cfg.no_eval:
-        result = evaluate_split(model, tokenizer, cfg.task, test, d, batch_size=cfg.eval_batch_size, progress=d.main)
+        with timed(seconds, "evaluation"):
+            result = evaluate_split(model, tokenizer, cfg.task, test, d, batch_size=cfg.eval_batch_size,
+                                    progress=d.main)
         metrics["test"] = result["summary"]
         say(d, "test: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in result["summary"].items()))
         if d.main:
             write_json_atomically(Path(cfg.out) / "eval_details.json", result["details"])
+        if not cfg.no_baseline:
+            def score_base():
+                with lofit.offsets_disabled(model):
+                    return evaluate_split(model, tokenizer, cfg.task, test, d, batch_size=cfg.eval_batch_size,
+                                          progress=d.main)
+            key = baseline_key(model=cfg.model, task=cfg.task, split="test", fold=cfg.fold, limit=cfg.limit,
+                               dtype=hp.dtype, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir)
+            with timed(seconds, "base model"):
+                base = base_scores(key, score_base, d)
+            metrics["base"] = {k: base[k] for k in ("summary", "computed_at", "cached", "path")}
+            metrics["comparison"] = compare(base["details"], result["details"])
+        else:
+            metrics["intervals"] = intervals(result["details"])
     return finish(run, model, selected, metrics, record, started, stage=2)
 
 
@@ -463,10 +493,39 @@ def finish(run: Run, model, selected, metrics, record, started, stage: int) -> i
                          task=cfg.task, hparams=hparams)
         write_json_atomically(out / "metrics.json", metrics)
         write_json_atomically(out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        report = format_report(run_report(cfg, metrics, selected, stage, [n for n in OUTPUT_FILES if n not in (
+            "checkpoint.pt", "summary.md") and (out / n).exists()] + ["summary.md"]))
+        write_text_atomically(out / "summary.md", report)
         rundir.commit(out)  # the run is complete: its checkpoint and the run it replaced go
-        say(run.d, f"outputs in {out}: " + ", ".join(n for n in OUTPUT_FILES if (out / n).exists()))
+        say(run.d, "\n" + report)
     run.log.close()
     return 0
+
+
+def run_report(cfg: TrainConfig, metrics: dict, selected, stage: int, files: list[str]) -> dict:
+    """What format_report shows for this run: scores against the base model, training, times, next commands."""
+    losses = metrics["train_loss"]
+    trained = [f"{name.replace('stage', 'stage ')} loss per epoch: " + " -> ".join(f"{x:.4f}" for x in history)
+               for name, history in losses.items()]
+    heads = ", ".join(f"({layer}, {head})" for layer, head in selected[:8]) + (", ..." if len(selected) > 8 else "")
+    trained.append(f"heads: K = {len(selected)}" + (f", {metrics['trainable_parameters']} trained numbers"
+                                                     if "trainable_parameters" in metrics else "") + f": {heads}")
+    adapter, fold = f"{cfg.out}/adapter.safetensors", f" --fold {cfg.fold}" if cfg.task == "truthfulqa" else ""
+    model_flags = f"--task {cfg.task} --model {cfg.model}" + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "")
+    commands = [f"python eval.py {model_flags}{fold} --adapter {adapter} --split val --out {cfg.out}/val.json",
+                f"python eval.py --compare OTHER_RUN_DIR {cfg.out}",
+                f"python export.py --adapter {adapter} --model {cfg.model} --format merged --out {cfg.out}-merged"]
+    if stage == 1:
+        commands = [f"python train.py {model_flags}{fold} --heads {cfg.out}/heads.json --out {cfg.out}-stage2"]
+    test = metrics.get("test")
+    scope = f"{cfg.task} test split, {test['n']} questions" + (f", fold {cfg.fold}" if fold else "") if test else \
+        f"{cfg.task}: no test-set evaluation"
+    return {"title": f"LoFiT on {cfg.task}: {cfg.model}", "scope": scope, "comparison": metrics.get("comparison"),
+            "intervals": metrics.get("intervals"), "base": metrics.get("base"),
+            "skipped": "--no-eval" if cfg.no_eval else "--no-baseline" if cfg.no_baseline else "stage 1 only",
+            "trained": trained, "seconds": metrics["seconds"], "outputs": f"{cfg.out}: " + ", ".join(files),
+            "next": commands}
 
 
 def main(argv=None) -> int:

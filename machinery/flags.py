@@ -83,6 +83,23 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+THREADS_HELP = ("CPU threads for torch's operators (default: 1 for a model under 10M parameters, where more "
+                "threads measured slower on a shared 2-core machine (docs/speed.md); else torch's own default, "
+                "OMP_NUM_THREADS where set)")
+SMALL_MODEL = 10_000_000  # parameters, roughly: below it one thread is the default (docs/speed.md)
+
+
+def set_threads(requested: int | None, config) -> int:
+    """torch.set_num_threads: --threads where given; else 1 for a small model (per-op overheads dominate, and a
+    second thread only waits for a busy core), unless OMP_NUM_THREADS says otherwise; return the count in use."""
+    parameters = config.n_layers * 12 * config.hidden_size ** 2 + config.vocab_size * config.hidden_size
+    if requested is None and parameters < SMALL_MODEL and "OMP_NUM_THREADS" not in os.environ:
+        requested = 1
+    if requested is not None:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
 def resolve_dtype(requested: str, device: str) -> str:
     """The name of the torch dtype to load weights in: "auto" is float32 on every device.
 
@@ -181,7 +198,7 @@ def parse_flags(cls, argv, description: str):
 
 # Numeric flags and what they must be, whichever script has them (argparse dest -> rule).
 POSITIVE = ("epochs", "batch_size", "micro_batch_size", "k", "lr_a", "lr_v", "beta", "init_std", "limit",
-            "eval_batch_size", "stop_after", "probe_l2")
+            "eval_batch_size", "stop_after", "probe_l2", "threads")
 NOT_NEGATIVE = ("l1", "train_size")
 
 

@@ -64,7 +64,7 @@ class RunKind:
 
 RUNS = {
     "train.py": RunKind(("config.json", "heads.json", "adapter.safetensors", "metrics.json", "metrics.jsonl",
-                         "eval_details.json", "heads.png", "checkpoint.pt"), "checkpoint.pt"),
+                         "eval_details.json", "heads.png", "loss.png", "summary.md", "checkpoint.pt"), "checkpoint.pt"),
     "iti.py": RunKind(("config.json", "heads.json", "adapter.safetensors", "metrics.json", "eval_details.json"),
                       None),
 }

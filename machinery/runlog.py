@@ -7,6 +7,7 @@ the original code logged its runs there.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from storage.atomic import json_text, write_atomically, write_error
@@ -56,3 +57,26 @@ class StepLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def plot_loss(log: Path, path: Path) -> None:
+    """loss.png: each stage's loss per optimiser step from metrics.jsonl (drawn only where matplotlib is installed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # heads.png's note already says matplotlib is missing
+    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()] \
+        if Path(log).is_file() else []
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for stage in sorted({r["stage"] for r in rows}):
+        steps = [r for r in rows if r["stage"] == stage]
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], marker=".", label=f"stage {stage}")
+    ax.set(xlabel="optimiser step (within the stage)", ylabel="loss (global batch mean)", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

@@ -48,6 +48,15 @@ def data_dir_args(task: str) -> list[str]:
     return [] if directory is None else ["--data-dir", str(directory)]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _baseline_cache(tmp_path_factory):
+    """The base model's cached scores (machinery/report.py) go to a temporary directory, not ~/.cache/lofit."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LOFIT_CACHE", str(tmp_path_factory.mktemp("lofit_cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ def test_truthfulqa_results_json(paths, tmp_path, capsys):
     assert {"mc1", "mc2", "mc3", "true", "false", "question", "best_answer"} <= set(row)
     assert all(isinstance(c["score"], float) and c["score"] < 0 for c in row["true"] + row["false"])
     assert json.loads(capsys.readouterr().out) == results["summary"]  # the summary is printed too
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.summary.md"]  # no temporary
 
 
 def test_both_folds_report_the_mean(paths, tmp_path):

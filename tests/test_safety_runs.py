@@ -106,7 +106,7 @@ def test_a_second_eval_into_the_same_out_is_refused(tmp_path, capsys):
         proc.wait()
     assert evaluation.main(argv) == 0  # the holder was killed: the kernel dropped its lock
     assert json.loads(results.read_text())["summary"]["n"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no lock file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.summary.md"]  # no lock file left
 
 
 def test_a_results_file_written_meanwhile_by_another_writer_is_not_replaced(tmp_path, capsys, monkeypatch):
