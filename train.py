@@ -389,9 +389,10 @@ def show_plan(cfg: TrainConfig) -> int:
         data, rows = tokenize_training_set(cfg.task, examples, tokenizer), f"the {len(examples)} training examples"
     sharding = distributed.pick_sharding(cfg.sharding, world, lambda s: memory_plan(cfg, config, hp, data, world, s,
                                                                                    memory))
-    print(f"{cfg.model} on {cfg.task}: {world} GPU(s) of {memory:g} GiB ({where}); rows: {rows}; K = {hp.k}; "
-          f"sharding: {sharding[0]} ({sharding[1]})")
-    print(format_plan(memory_plan(cfg, config, hp, data, world, sharding[0], memory)))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy
+        print(f"{cfg.model} on {cfg.task}: {world} GPU(s) of {memory:g} GiB ({where}); rows: {rows}; K = {hp.k}; "
+              f"sharding: {sharding[0]} ({sharding[1]})")
+        print(format_plan(memory_plan(cfg, config, hp, data, world, sharding[0], memory)))
     return 0
 
 
