@@ -3,6 +3,7 @@
     python train.py --task clutrr --model tests/assets/stories260K --out runs/clutrr
     torchrun --nproc_per_node 8 train.py --task truthfulqa --out runs/tqa     # meta-llama/Llama-2-7b-hf
     python train.py --task clutrr --intervention examples/low_rank.py --intervention-arg rank=2
+    python train.py --task truthfulqa --model DIR --plan --gpus 8 --gpu-memory 80   # memory per GPU, no run
 
 Read top to bottom: the paper's table -> the flags (TrainConfig) -> the loss of one batch -> one
 stage's training loop -> head choice -> run(), the recipe. Stage 1 trains the scale A of every head
@@ -33,11 +34,12 @@ from adapter import save_adapter
 from data import TASK_INFO, TASKS, TrainData, collate, load_examples, tokenize_training_set
 from eval import evaluate_split, warn_beyond_context
 from iti import fit_iti
-from machinery import distributed, flags, rundir, train_state
+from machinery import distributed, flags, rundir, speed, train_state
 from machinery.checkpoints import read_model_config
 from machinery.distributed import Dist, close_distributed, load_model, rank_share
 from machinery.flags import UsageError, flag
 from machinery.heads_file import heads_file_source, plot_heads, random_ranking, read_heads_file, write_heads_file
+from machinery.memory_plan import GiB, format_plan, lengths_from_items, plan_memory, task_limit_lengths
 from machinery.report import (
     base_scores,
     baseline_key,
@@ -51,7 +53,7 @@ from machinery.report import (
 from machinery.runlog import StepLog, plot_loss
 from model import LofitError
 from storage.atomic import WriteError, reported_write, write_json_atomically, write_text_atomically
-from tokenizer import BACKENDS, load_tokenizer
+from tokenizer import BACKENDS, TokenizerError, load_tokenizer
 
 OUTPUT_FILES = rundir.RUNS["train.py"].outputs  # rundir.py knows what each command writes
 
@@ -115,6 +117,12 @@ class TrainConfig:
     no_baseline: bool = flag(False, "do not score the base model on the test set for the report (its scores "
                              "are cached once per model, task, fold and limit)")
     wandb: str | None = flag(None, "also log every step to this Weights & Biases project", metavar="PROJECT")
+    plan: bool = flag(False, "print the memory plan per GPU (from config.json alone, no weights read) and exit")
+    gpus: int | None = flag(None, "--plan for this many GPUs (default: this job's processes)", metavar="N")
+    gpu_memory: float | None = flag(None, "memory of one GPU for the plan and the run's check (default: the "
+                                    "device's; --plan without a GPU: 80)", metavar="GiB")
+    matmul_precision: str = flag("highest", speed.MATMUL_HELP, choices=speed.MATMUL_PRECISIONS)
+    compile: bool = flag(False, speed.COMPILE_HELP)
 
     def __post_init__(self):
         self.out = f"runs/{self.task}" if self.out is None else self.out
@@ -138,7 +146,16 @@ class TrainConfig:
              f"--head-selection iti probes true vs false answers, which only truthfulqa has; for {self.task}, "
              f"run iti.py on truthfulqa and pass its heads.json with --heads"),
             (int(os.environ.get("WORLD_SIZE", "1")) > 1 and ":" in self.device,
-             f"--device {self.device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")]
+             f"--device {self.device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda"),
+            (self.dtype == "float16", "--dtype float16 would train without loss scaling, so small gradients "
+             "underflow to zero; use --dtype bfloat16 (the same memory, float32's range)"),
+            (self.gpus is not None and not self.plan, "--gpus N plans for hardware this job does not have: "
+             "it goes with --plan"),
+            (self.gpus is not None and self.gpus < 1, f"--gpus must be positive, got {self.gpus}"),
+            (self.gpu_memory is not None and not self.gpu_memory > 0,
+             f"--gpu-memory must be positive, got {self.gpu_memory}"),
+            (self.compile and self.sharding == "shard", "--compile compiles a replicated base's forward; "
+             "with --sharding shard, leave --compile out")]
         if self.wandb:
             refusals.append((not StepLog.wandb_installed(), "--wandb needs the wandb package: pip install wandb"))
         for refused, message in refusals:
@@ -363,6 +380,46 @@ def choose_heads(run: Run, model, tokenizer, examples, data: TrainData, resume, 
 
 
 # ----------------------------------------------------------------------------------------------
+# The memory plan: what a training step needs per GPU (machinery/memory_plan.py), before loading
+
+
+def memory_plan(cfg: TrainConfig, config, hp: Hparams, data: TrainData | None, world: int, sharding: str,
+                gpu_memory_gib: float):
+    """This run's per-GPU peak (a MemoryPlan): its longest tokenized rows, else the task's length limits."""
+    lengths = lengths_from_items(data.loss, data.items) if data and data.items else task_limit_lengths(cfg.task)
+    return plan_memory(config, lengths=lengths, batch=cfg.batch_size, micro_batch=cfg.micro_batch_size,
+                       loss=TASK_INFO[cfg.task].loss, dtype=hp.dtype, sharding=sharding, world=world, k_heads=hp.k,
+                       gpu_memory_gib=gpu_memory_gib)
+
+
+def show_plan(cfg: TrainConfig) -> int:
+    """--plan: print the plan for --gpus GPUs of --gpu-memory GiB; read no weights, write nothing."""
+    config = read_model_config(cfg.model, need_weights=False)
+    hp = resolve_hparams(cfg, config, "cuda")
+    world = cfg.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    memory, where = cfg.gpu_memory, "--gpu-memory"
+    if memory is None and torch.cuda.is_available():
+        memory, where = distributed.device_memory(torch.device("cuda")) / GiB, torch.cuda.get_device_name()
+    elif memory is None:
+        memory, where = 80.0, "assumed: no GPU here; pass --gpu-memory"
+    try:
+        tokenizer = load_tokenizer(cfg.model, backend=cfg.tokenizer)
+    except TokenizerError as e:
+        data, rows = None, f"the task's length limits ({e})"
+    else:
+        examples = load_examples(cfg.task, "train", fold=cfg.fold, data_dir=cfg.data_dir, train_size=cfg.train_size,
+                                 seed=cfg.seed)
+        data, rows = tokenize_training_set(cfg.task, examples, tokenizer), f"the {len(examples)} training examples"
+    sharding = distributed.pick_sharding(cfg.sharding, world, lambda s: memory_plan(cfg, config, hp, data, world, s,
+                                                                                   memory))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy
+        print(f"{cfg.model} on {cfg.task}: {world} GPU(s) of {memory:g} GiB ({where}); rows: {rows}; K = {hp.k}; "
+              f"sharding: {sharding[0]} ({sharding[1]})")
+        print(format_plan(memory_plan(cfg, config, hp, data, world, sharding[0], memory)))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # The recipe
 
 
@@ -398,23 +455,37 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     given = read_heads_file(cfg.heads, config) if cfg.heads else None
     if given is not None and hp.k > len(given):
         raise UsageError(f"K = {hp.k} but --heads {cfg.heads} ranks only {len(given)} heads; pass a smaller --k")
-    sharding = distributed.choose_sharding(cfg.sharding, config, getattr(torch, hp.dtype), d)
+    tokenizer = load_tokenizer(cfg.model, backend=cfg.tokenizer)
+    examples = load_examples(cfg.task, "train", fold=cfg.fold, data_dir=cfg.data_dir, train_size=cfg.train_size,
+                             seed=cfg.seed)
+    test = load_examples(cfg.task, "test", fold=cfg.fold, data_dir=cfg.data_dir)[:cfg.limit]
+    data = tokenize_training_set(cfg.task, examples, tokenizer)
+    gpu_memory = cfg.gpu_memory or distributed.device_memory(d.device) / GiB
+    sharding = distributed.choose_sharding(cfg.sharding, config, getattr(torch, hp.dtype), d, plan_for=lambda s:
+                                           memory_plan(cfg, config, hp, data, d.world, s, gpu_memory))
+    plan = memory_plan(cfg, config, hp, data, d.world, sharding[0], gpu_memory)
+    if d.device.type == "cuda" and not plan.fits:  # only a GPU's memory is known; a CPU's is shared
+        raise UsageError(f"the memory plan needs {plan.per_gpu_gib:.1f} GiB per GPU, more than {gpu_memory:.1f} GiB; "
+                         f"{f'cheapest fix: {plan.fix}' if plan.fix else 'no single change tried fits'} "
+                         f"(see it with --plan)")
+    if cfg.compile and sharding[0] == "shard":
+        raise UsageError("--compile compiles a replicated base's forward and auto chose --sharding shard; "
+                         "leave --compile out")
     key = cfg.key(hp, form)
     resume = train_state.load_checkpoint(Path(cfg.out), key) if cfg.resume else None
     record = {"flags": asdict(cfg), "resolved": asdict(hp), "intervention": key["intervention"],
               "world_size": d.world, "device": str(d.device),
               "sharding": {"choice": sharding[0], "reason": sharding[1]},
               "code_version": code_version(), "versions": library_versions()}
-    tokenizer = load_tokenizer(cfg.model, backend=cfg.tokenizer)
-    examples = load_examples(cfg.task, "train", fold=cfg.fold, data_dir=cfg.data_dir, train_size=cfg.train_size,
-                             seed=cfg.seed)
-    test = load_examples(cfg.task, "test", fold=cfg.fold, data_dir=cfg.data_dir)[:cfg.limit]
-    data = tokenize_training_set(cfg.task, examples, tokenizer)
+    if d.device.type == "cuda":
+        record["memory_plan"] = plan.summary()
     if empty := data.without_answer():
         say(d, f"warning: {empty} of {len(data.items)} training examples have a prompt of at least "
                f"{TASK_INFO[cfg.task].max_len} tokens, so no answer token is left after the cut; they add no "
                f"loss (the original did so for CLUTRR; see data/tokenize.py)")
     say(d, banner(cfg, hp, form, d, sharding, len(examples), len(test), data.loss))
+    if d.device.type == "cuda":
+        say(d, f"  memory plan: {plan.per_gpu_gib:.1f} GiB per GPU of {gpu_memory:.1f} GiB")
     distributed.barrier(d)  # every rank has checked --out before rank 0 touches it
     if d.main:  # rank 0 holds --out (rundir.claim in main)
         write_json_atomically(Path(cfg.out) / "config.json", record)
@@ -423,6 +494,8 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     with timed(seconds, "load"):
         model = load_model(cfg.model, d, getattr(torch, hp.dtype), sharding[0], progress=True)
     say(d, f"model loaded in {seconds['load']:.1f} s")
+    if cfg.compile:
+        speed.compile_forward(model)
     lofit.check_form(model, form)  # its parameters, its edit at zero and its merge, before any training
     warn_beyond_context(model, [len(ids) for ids in data.sequences()], "training sequences", d.main)
     if data.loss == "dpo":
@@ -534,13 +607,15 @@ def main(argv=None) -> int:
     first_rank = os.environ.get("RANK", "0") == "0"
     try:
         cfg.check()
+        if cfg.plan:
+            return show_plan(cfg)
         d = distributed.setup_distributed(cfg.device)
         finished = False
         try:
             claim = rundir.claim(cfg.out, OUTPUT_FILES, overwrite=cfg.overwrite, resume=cfg.resume,
                                  checkpoint="checkpoint.pt", command=rundir.command_line("train.py", argv)) \
                 if d.main else contextlib.nullcontext()  # rank 0 holds --out for the whole run
-            with claim:
+            with claim, speed.matmul_precision(cfg.matmul_precision):
                 code = run(cfg, d)
             finished = True
             return code

@@ -3,6 +3,7 @@
     python benchmarks/bench.py                      # CPU: every section, both models (a few minutes)
     python benchmarks/bench.py --quick              # fewer repeats, smaller workloads
     python benchmarks/bench.py --only train --configs medium --threads 1 --clock cpu
+    python benchmarks/bench.py --only train --configs medium --threads 1 --repeats 3 --compile   # + compiled
     python benchmarks/bench.py --only gpu --device cuda --out gpu.json   # Llama-2-7B-shaped, bf16
 
 Prints a Markdown table of ours / transformers ratios (median over rounds, the two sides
@@ -51,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="gpu section: the device's dense bf16 peak, if its name is not in gpu_bench.PEAK_TFLOPS")
     p.add_argument("--no-baseline", action="store_true", help="gpu section: skip transformers (ours only)")
-    p.add_argument("--compile", action="store_true", help="gpu section: also time ours under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with a compiled forward (train section: the full-logits step, as train.py "
+                        "--compile; gpu section: ours)")
     p.add_argument("--out", type=Path, default=None, help="write the rows and raw timings here (JSON)")
     return p.parse_args(argv)
 
@@ -101,7 +104,7 @@ def run_cpu(args, configs: list[str], sections: list[str]) -> tuple[list[Row], d
                     say(f"{name}: training stage {stage}")
                     r, x = train_bench.run_stage(name, ours, hf, stage, train_bench.TrainShape(), work.train_repeats,
                                                  clock=args.clock, full_logits_variant=not args.quick,
-                                                 peak_flops=peak)
+                                                 peak_flops=peak, compiled_variant=args.compile)
                     rows += r
                     raw[f"train/{name}/stage{stage}"] = x
             ours, hf = load_ours(directory), load_hf(directory)  # fresh: base models, no LoFiT offsets

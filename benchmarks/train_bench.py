@@ -5,7 +5,9 @@ The baseline is what the original implementation amounts to: a stock transformer
 -> back, with A and v held outside the model; the loss is transformers' own (full logits, then
 its shifted cross-entropy over labels with -100 outside the answer). Ours is model.py with LoFiT
 built in (lofit.py sets the stages up) and the loss computed from the hidden states at the answer
-positions only ("ours"), or, for a like-for-like comparison, from full logits ("ours, full logits").
+positions only ("ours"), or, for a like-for-like comparison, from full logits ("ours, full logits"),
+and that full-logits step once more with the forward compiled as train.py --compile does it
+("ours, full logits, compiled": torch.compile of model.hidden_states, machinery/speed.py).
 
 Every side gets the same checkpoint, the same batch, the same initial A / v, fp32 on CPU, AdamW
 (HF Trainer's defaults: betas 0.9/0.999, eps 1e-8, no weight decay) over the LoFiT parameters only,
@@ -17,6 +19,7 @@ and grad-norm clipping at 1.0. A step = forward + backward + clipping + optimise
 from __future__ import annotations
 
 import resource
+import time
 from dataclasses import dataclass
 
 import torch
@@ -165,8 +168,16 @@ def make_step(loss_fn, params):
     return step
 
 
+def ce_loss_full_logits_compiled(model, batch, compiled_hidden_states) -> torch.Tensor:
+    """ce_loss_full_logits with the hidden states from a compiled model.hidden_states (--compile's)."""
+    logits = model.lm_head(compiled_hidden_states(batch["input_ids"], batch["attention_mask"]))  # (B, T, V)
+    shifted = F.pad(hf_labels(batch)[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+
+
 def build_sides(ours_model, hf_model, stage: int, batch, heads, seed: int = 0,
-                full_logits_variant: bool = True) -> tuple[list[Side], HookedLoFiT | None]:
+                full_logits_variant: bool = True,
+                compiled_variant: bool = False) -> tuple[list[Side], HookedLoFiT | None]:
     """The contestants of one stage, every one starting from the same A, v; and the baseline's hooks.
 
     Ours is set up by lofit.setup_stage1 / setup_stage2; the baseline's A, v are copies of ours.
@@ -209,6 +220,11 @@ def build_sides(ours_model, hf_model, stage: int, batch, heads, seed: int = 0,
         sides.append(Side("ours, full logits",
                           make_step(ours_loss(lambda: ce_loss_full_logits(ours_model, batch)), ours_params),
                           ours_params, ours_model))
+    if compiled_variant:  # the same step, the forward compiled (a separate callable: the model stays eager)
+        compiled = torch.compile(ours_model.hidden_states)
+        sides.append(Side("ours, full logits, compiled",
+                          make_step(ours_loss(lambda: ce_loss_full_logits_compiled(ours_model, batch, compiled)),
+                                    ours_params), ours_params, ours_model))
     return sides, hooks
 
 
@@ -242,7 +258,7 @@ def static_bytes(side: Side) -> int:
 
 def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, repeats: int,
               device="cpu", clock: str = "wall", heads=None, full_logits_variant: bool = True,
-              peak_flops: float | None = None) -> tuple[list[Row], dict]:
+              peak_flops: float | None = None, compiled_variant: bool = False) -> tuple[list[Row], dict]:
     """Time one stage on one model; return the table rows and the raw numbers.
 
     With `peak_flops` (the machine's measured matmul FLOP/s), each side also gets a row "fraction
@@ -254,12 +270,13 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
     cfg = ours_model.config
     batch = {k: t.to(device) for k, t in make_batch(cfg.vocab_size, shape).items()}
     heads = heads if heads is not None else pick_heads(cfg.n_layers, cfg.n_heads)
-    sides, hooks = build_sides(ours_model, hf_model, stage, batch, heads, full_logits_variant=full_logits_variant)
-    first_loss, peaks = {}, {}
+    sides, hooks = build_sides(ours_model, hf_model, stage, batch, heads, full_logits_variant=full_logits_variant,
+                               compiled_variant=compiled_variant)
+    first_loss, peaks, warm_up = {}, {}, {}
     for side in sides:  # the first step of each side is its warm-up, and its memory is measured
-        losses = []
+        losses, began = [], time.perf_counter()
         peaks[side.name] = peak_memory(lambda: losses.append(side.step()), device)
-        first_loss[side.name] = losses[0]
+        first_loss[side.name], warm_up[side.name] = losses[0], time.perf_counter() - began  # compiling included
     times = interleaved_times({s.name: s.step for s in sides}, repeats, device, clock)
     tokens = shape.batch * shape.seq
     tps = {name: tokens / median(t) for name, t in times.items()}
@@ -274,7 +291,8 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
         target = (1.2 if main else 1.0) if config == "medium" else None  # full logits: >= transformers
         rows.append(Row("train", config, f"{label} tokens/s" + ("" if main else f" [{name}]"),
                         tps[base], tps[name], "tok/s", True, target,
-                        note=f"first-step loss gap {loss_gap:.1e}" if main else ""))
+                        note=f"first-step loss gap {loss_gap:.1e}" if main else
+                        f"first step {warm_up[name]:.0f} s, compiling included" if "compiled" in name else ""))
         rows.append(Row("train", config, f"{label} peak step memory" + ("" if main else f" [{name}]"),
                         peaks[base] / 2**20, peaks[name] / 2**20, "MiB", False,
                         1.0 if main and config == "medium" else None))
@@ -295,6 +313,6 @@ def run_stage(config: str, ours_model, hf_model, stage: int, shape: TrainShape, 
     raw = {"stage": stage, "heads": heads, "limit_fraction": limit, "matmul_peak_flops": peak_flops,
            "shape": vars(shape), "times_s": times, "tokens_per_s": tps,
            "peak_step_bytes": peaks, "kernel_share": kernel, "static_bytes": {s.name: static_bytes(s) for s in sides},
-           "first_step_loss": first_loss}
+           "first_step_loss": first_loss, "first_step_s": warm_up}
     hooks.remove()  # leave the baseline model stock for the next stage
     return rows, raw

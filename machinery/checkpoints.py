@@ -30,11 +30,14 @@ def load_model(name, dtype: torch.dtype = torch.float32, device="cpu", token: st
     return model
 
 
-def read_model_config(name, token: str | None = None) -> LlamaConfig:
-    """The config of a checkpoint directory, hub repo id or .gguf file, without reading its weights."""
+def read_model_config(name, token: str | None = None, need_weights: bool = True) -> LlamaConfig:
+    """The config of a checkpoint directory, hub repo id or .gguf file, without reading its weights.
+
+    need_weights False: a hub repo's config and tokenizer files only are downloaded (train.py --plan).
+    """
     if gguf_file.is_gguf(name):
         return _gguf_config(name)[0]
-    return read_config(resolve_model_dir(name, token))
+    return read_config(resolve_model_dir(name, token, need_weights=need_weights))
 
 
 def _gguf_config(path):

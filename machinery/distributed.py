@@ -20,9 +20,11 @@ The number of processes never changes the result:
   rankings (stage 1's, ITI's) are rank 0's, broadcast (same_on_every_rank).
 
 The frozen base (choose_sharding; --sharding overrides auto, and the choice is printed and saved):
-- replicate (auto picks it when the base weights take at most half of one device's memory): every
-  rank holds the whole base and runs its forward passes on its own. Only the LoFiT gradients
-  travel (one all_reduce per step): for 7B/13B at batch 8 this is the fast choice.
+- replicate (auto picks it when train.py's memory plan, machinery/memory_plan.py, says a replicated
+  run fits the device; eval.py and iti.py, which train nothing, when the base weights take at most
+  half of one device's memory): every rank holds the whole base and runs its forward passes on
+  its own. Only the LoFiT gradients travel (one all_reduce per step): for 7B/13B at batch 8 this
+  is the fast choice.
 - shard: FSDP2. Every Block is a fully_shard unit and the Llama is the root (its own embeddings,
   final norm and lm_head, and every LoFiT parameter, are left out and stay replicated), with
   model.hidden_states registered as a forward method. So each block's weights are all-gathered
@@ -69,8 +71,9 @@ from storage.hub import resolve_model_dir
 SHARDINGS = ("auto", "replicate", "shard")
 PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
 SHARDING_HELP = ("under torchrun: replicate the frozen base on every device, or shard it with FSDP2; auto "
-                 "replicates when the weights take at most half of one device's memory")
-FIT_FRACTION = 0.5  # auto replicates a base whose weights take at most this share of one device's memory
+                 "replicates when the memory plan says a replicated run fits (see --plan)")
+FIT_FRACTION = 0.5  # without a training plan (eval.py, iti.py), auto replicates a base whose weights take at most
+# this share of one device's memory
 
 
 @dataclass
@@ -97,10 +100,10 @@ def setup_distributed(device_flag: str) -> Dist:
     Under torchrun a process group is made even for one process (so --sharding shard runs FSDP2
     on one GPU too); a plain `python train.py` makes none.
     """
-    cuda = resolve_device(device_flag).startswith("cuda")
+    device = process_device(resolve_device(device_flag), os.environ)
     if "WORLD_SIZE" not in os.environ:
-        return Dist(device=torch.device(resolve_device(device_flag)))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        return Dist(device=device)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
@@ -173,6 +176,29 @@ def join_manual_launch() -> dict:
     return {"store": store, "rank": rank, "world_size": world}
 
 
+def process_device(requested: str, env) -> torch.device:
+    """This process's device, from the resolved --device (flags.resolve_device) and the environment.
+
+    Without torchrun (no WORLD_SIZE in `env`): the device asked for. Under torchrun: CUDA means
+    cuda:LOCAL_RANK, one GPU per process; anything else the CPU (gloo). A numbered GPU (cuda:1)
+    is honoured with one process and refused with several (each process needs its own GPU), so
+    it is never silently replaced by another one.
+
+    Raises:
+        UsageError: a numbered GPU under torchrun with more than one process.
+    """
+    if "WORLD_SIZE" not in env:
+        return torch.device(requested)
+    if not requested.startswith("cuda"):
+        return torch.device("cpu")
+    if ":" in requested:
+        if int(env["WORLD_SIZE"]) > 1:
+            raise UsageError(f"--device {requested}: under torchrun each process uses cuda:LOCAL_RANK; pass "
+                             f"--device cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        return torch.device(requested)
+    return torch.device("cuda", int(env.get("LOCAL_RANK", "0")))
+
+
 def close_distributed(finished: bool = False) -> None:
     """Leave the job. After a run that `finished` on this rank, first wait for every rank to get
     here: a rank that tore its process group down while another still had its last collective in
@@ -203,24 +229,42 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local
 
 
-def choose_sharding(requested: str, config, dtype: torch.dtype, d: Dist) -> tuple[str, str]:
-    """("replicate" or "shard", why): auto replicates the base when it fits in FIT_FRACTION of the device.
+def choose_sharding(requested: str, config, dtype: torch.dtype, d: Dist, plan_for=None) -> tuple[str, str]:
+    """("replicate" or "shard", why) for the frozen base under --sharding `requested`.
+
+    auto with one process replicates. With several, `plan_for` (sharding -> a
+    memory_plan.MemoryPlan of this run's training step; train.py passes one) decides: replicate
+    when the plan says a replicated base fits, else shard (pick_sharding). Without one (eval.py,
+    iti.py: no training step), replicate when the base weights take at most FIT_FRACTION of the
+    device's memory.
 
     Raises:
         UsageError: shard was asked for outside torchrun.
     """
-    weights = base_bytes(config, dtype)
     if requested == "shard" and not dist.is_initialized():
         raise UsageError("--sharding shard needs torchrun (e.g. torchrun --nproc_per_node 1 train.py ...)")
-    if requested != "auto":
-        return requested, f"--sharding {requested}"
-    if d.world == 1:
-        return "replicate", "one process"
+    if plan_for is not None or requested != "auto" or d.world == 1:
+        return pick_sharding(requested, d.world, plan_for)
+    weights = base_bytes(config, dtype)
     memory = device_memory(d.device)
     fits = weights <= FIT_FRACTION * memory
     return ("replicate" if fits else "shard"), \
         f"auto: base weights {weights / 2**30:.2f} GiB {'<=' if fits else '>'} {FIT_FRACTION:g} x " \
         f"{memory / 2**30:.1f} GiB of {d.device.type} memory per process"
+
+
+def pick_sharding(requested: str, world: int, plan_for) -> tuple[str, str]:
+    """The sharding choice from a memory plan: what --sharding asks for, else replicate with one
+    process, else replicate when plan_for("replicate") fits and shard when it does not."""
+    if requested != "auto":
+        return requested, f"--sharding {requested}"
+    if world == 1:
+        return "replicate", "one process"
+    plan = plan_for("replicate")
+    verdict = "fits in" if plan.fits else "does not fit in"
+    return ("replicate" if plan.fits else "shard"), \
+        f"auto: replicated, the memory plan's {plan.per_gpu_gib:.1f} GiB per process {verdict} " \
+        f"{plan.gpu_memory_gib:.1f} GiB"
 
 
 def load_model(name: str, d: Dist, dtype: torch.dtype, sharding: str, progress: bool = False) -> Llama:

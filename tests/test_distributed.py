@@ -5,6 +5,7 @@ import torch
 from machinery import distributed
 from machinery.distributed import Dist
 from machinery.flags import UsageError
+from machinery.memory_plan import LLAMA_2, Lengths, plan_memory
 from model import LlamaConfig
 
 SEVEN_B = LlamaConfig()  # Llama-2-7B's shape: 6.74e9 parameters
@@ -25,6 +26,41 @@ def test_auto_replicates_what_fits_and_shards_what_does_not(monkeypatch):
     assert distributed.choose_sharding("auto", thirteen, torch.bfloat16, eight)[0] == "replicate"
     assert distributed.choose_sharding("replicate", thirteen, torch.float32, eight) == ("replicate",
                                                                                         "--sharding replicate")
+
+
+def test_auto_with_a_training_plan_replicates_what_the_plan_fits(monkeypatch):
+    """train.py passes its memory plan: auto replicates when a replicated step fits, not by FIT_FRACTION."""
+    monkeypatch.setattr(distributed, "device_memory", lambda device: 1 / 0)  # the plan's memory is used instead
+    eight = Dist(rank=3, world=8)
+
+    def plan_for(shape, dtype):
+        return lambda sharding: plan_memory(LlamaConfig(**LLAMA_2[shape]), lengths=Lengths(76, 35), batch=8,
+                                            dtype=dtype, sharding=sharding, world=8, gpu_memory_gib=80)
+    choice, why = distributed.choose_sharding("auto", SEVEN_B, torch.float32, eight, plan_for("7B", "float32"))
+    assert choice == "replicate" and "29.3 GiB per process fits in 80.0 GiB" in why
+    # 13B fp32: 48.5 GiB of weights is more than half of 80 GiB, yet the replicated step fits (53.3 GiB)
+    assert distributed.choose_sharding("auto", SEVEN_B, torch.float32, eight, plan_for("13B", "float32"))[0] \
+        == "replicate"
+    choice, why = distributed.choose_sharding("auto", SEVEN_B, torch.float32, eight, plan_for("70B", "bfloat16"))
+    assert choice == "shard" and "135.4 GiB per process does not fit in 80.0 GiB" in why
+    assert distributed.choose_sharding("auto", SEVEN_B, torch.float32, Dist(), plan_for("70B", "float32")) == \
+        ("replicate", "one process")  # sharding one GPU saves nothing; train.py's plan check refuses it
+    assert distributed.pick_sharding("replicate", 8, None) == ("replicate", "--sharding replicate")
+
+
+@pytest.mark.parametrize("requested, env, expected", [
+    ("cpu", {}, "cpu"), ("cuda:1", {}, "cuda:1"),  # no torchrun: as asked
+    ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "2"}, "cuda:2"),  # one GPU per process
+    ("cuda:1", {"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "cuda:1"),  # one process: honoured, not cuda:0
+    ("cpu", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cpu"),
+])
+def test_process_device_honours_the_flag(requested, env, expected):
+    assert distributed.process_device(requested, env) == torch.device(expected)
+
+
+def test_numbered_gpu_with_several_processes_is_refused():
+    with pytest.raises(UsageError, match="--device cuda:1: under torchrun each process uses cuda:LOCAL_RANK"):
+        distributed.process_device("cuda:1", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"})
 
 
 def test_shard_needs_torchrun():

@@ -180,6 +180,9 @@ def test_killed_run_resumes_to_the_uninterrupted_adapter(tmp_path, mquake_run):
     (["--stage", "1", "--heads", "x.json"], "--heads replaces stage 1"),
     (["--resume"], "has no checkpoint.pt to continue from"),
     (["--fold", "1"], "mquake has no fold 1"),
+    (["--dtype", "float16"], "--dtype float16 would train without loss scaling"),
+    (["--gpus", "8"], "--gpus N plans for hardware this job does not have: it goes with --plan"),
+    (["--compile", "--sharding", "shard"], "with --sharding shard, leave --compile out"),
 ])
 def test_bad_flags_exit_2_with_a_message(tmp_path, capsys, extra, message):
     argv = tiny_args("mquake", tmp_path / "out")
@@ -404,3 +407,74 @@ def test_wandb_is_imported_only_when_asked(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     assert train.main(tiny_args("mquake", tmp_path / "b", "--wandb", "lofit-test")) == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan: --plan, and the check before loading
+
+
+LLAMA_2_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+               "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+               "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
+
+
+def config_only(directory, tokenizer: bool):
+    """A checkpoint directory holding Llama-2-70B's config.json (no weights), and stories260K's tokenizer."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(LLAMA_2_70B))
+    if tokenizer:
+        (directory / "tokenizer.model").write_bytes((STORIES260K / "tokenizer.model").read_bytes())
+    return directory
+
+
+def plan_of(capsys, *argv) -> tuple[str, dict]:
+    assert train.main(["--task", "truthfulqa", "--plan", *argv]) == 0
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+def test_plan_70b_shards_on_8_gpus_and_names_the_fix_on_one(tmp_path, capsys):
+    model = config_only(tmp_path / "llama-2-70b", tokenizer=True)
+    out_dir = tmp_path / "out"
+    text, plan = plan_of(capsys, "--model", str(model), "--gpus", "8", "--gpu-memory", "80", "--out", str(out_dir))
+    assert "rows: the 326 training examples" in text and "sharding: shard (auto: replicated" in text
+    assert plan["sharding"] == "shard" and plan["world"] == 8 and plan["fits"] and plan["fix"] is None
+    assert plan["dtype"] == "float32" and plan["micro_batch"] == 1 and "\nfits\n" in text
+    text, plan = plan_of(capsys, "--model", str(model), "--gpus", "1", "--gpu-memory", "80", "--out", str(out_dir))
+    assert not plan["fits"] and plan["sharding"] == "replicate" and plan["per_gpu_gib"] > 80
+    assert f"does not fit; cheapest fix: {plan['fix']}" in text and "--sharding shard" in plan["fix"]
+    assert not out_dir.exists() and sorted(p.name for p in model.iterdir()) == ["config.json", "tokenizer.model"]
+
+
+def test_plan_without_a_tokenizer_uses_the_task_limits(tmp_path, capsys):
+    model = config_only(tmp_path / "llama-2-70b", tokenizer=False)
+    text, plan = plan_of(capsys, "--model", str(model), "--gpus", "8", "--gpu-memory", "80", "--dtype", "bfloat16",
+                         "--out", str(tmp_path / "out"))
+    assert "rows: the task's length limits" in text and plan["lengths"] == {"prompt": 128, "answer": 384}
+    assert plan["sharding"] == "shard" and plan["fits"] and plan["dtype"] == "bfloat16"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_cannot_fit_its_gpu_is_refused_before_loading(tmp_path, monkeypatch):
+    """One process on a GPU (no torchrun, so auto replicates): the plan is checked all the same."""
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded a model that cannot fit"))
+    cfg = train.parse_args(tiny_args("mquake", tmp_path / "out", "--gpu-memory", "1"))  # 1 GiB < the 3 GiB overhead
+    with pytest.raises(train.UsageError, match=r"the memory plan needs 3\.0 GiB per GPU, more than 1\.0 GiB; "
+                                               r"no single change tried fits \(see it with --plan\)"):
+        train.run(cfg, train.Dist(device=torch.device("cuda")))  # refused before anything touches the device
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_on_a_cpu_the_plan_refuses_nothing_and_prints_nothing(tmp_path, capsys):
+    assert train.main(tiny_args("mquake", tmp_path, "--gpu-memory", "1", "--stop-after", "1")) == 0
+    assert "memory plan" not in capsys.readouterr().out
+    assert "memory_plan" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_tf32_precision_flag_gives_the_same_adapter_on_a_cpu_and_is_restored(tmp_path, mquake_run):
+    """--matmul-precision high: TF32 exists on GPUs only, so on a CPU the run is the fp32 one."""
+    assert train.main(tiny_args("mquake", tmp_path, "--matmul-precision", "high")) == 0
+    assert_same_adapter(tmp_path, mquake_run[0], atol=1e-6)
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert json.loads((tmp_path / "config.json").read_text())["flags"]["matmul_precision"] == "high"
