@@ -34,26 +34,16 @@ from adapter import save_adapter
 from data import TASK_INFO, TASKS, TrainData, collate, load_examples, tokenize_training_set
 from eval import evaluate_split, warn_beyond_context
 from iti import fit_iti
-from machinery import distributed, flags, rundir, speed, train_state
+from machinery import distributed, flags, report, rundir, speed, train_state
 from machinery.checkpoints import read_model_config
 from machinery.distributed import Dist, close_distributed, load_model, rank_share
 from machinery.flags import UsageError, flag
 from machinery.heads_file import heads_file_source, plot_heads, random_ranking, read_heads_file, write_heads_file
-from machinery.memory_plan import GiB, format_plan, lengths_from_items, plan_memory, task_limit_lengths
-from machinery.report import (
-    base_scores,
-    baseline_key,
-    code_version,
-    compare,
-    format_report,
-    intervals,
-    library_versions,
-    timed,
-)
+from machinery.memory_plan import print_plan, sharding_for_run
 from machinery.runlog import StepLog, plot_loss
 from model import LofitError
 from storage.atomic import WriteError, reported_write, write_json_atomically, write_text_atomically
-from tokenizer import BACKENDS, TokenizerError, load_tokenizer
+from tokenizer import BACKENDS, load_tokenizer
 
 OUTPUT_FILES = rundir.RUNS["train.py"].outputs  # rundir.py knows what each command writes
 
@@ -380,62 +370,7 @@ def choose_heads(run: Run, model, tokenizer, examples, data: TrainData, resume, 
 
 
 # ----------------------------------------------------------------------------------------------
-# The memory plan: what a training step needs per GPU (machinery/memory_plan.py), before loading
-
-
-def memory_plan(cfg: TrainConfig, config, hp: Hparams, data: TrainData | None, world: int, sharding: str,
-                gpu_memory_gib: float):
-    """This run's per-GPU peak (a MemoryPlan): its longest tokenized rows, else the task's length limits."""
-    lengths = lengths_from_items(data.loss, data.items) if data and data.items else task_limit_lengths(cfg.task)
-    return plan_memory(config, lengths=lengths, batch=cfg.batch_size, micro_batch=cfg.micro_batch_size,
-                       loss=TASK_INFO[cfg.task].loss, dtype=hp.dtype, sharding=sharding, world=world, k_heads=hp.k,
-                       gpu_memory_gib=gpu_memory_gib)
-
-
-def show_plan(cfg: TrainConfig) -> int:
-    """--plan: print the plan for --gpus GPUs of --gpu-memory GiB; read no weights, write nothing."""
-    config = read_model_config(cfg.model, need_weights=False)
-    hp = resolve_hparams(cfg, config, "cuda")
-    world = cfg.gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    memory, where = cfg.gpu_memory, "--gpu-memory"
-    if memory is None and torch.cuda.is_available():
-        memory, where = distributed.device_memory(torch.device("cuda")) / GiB, torch.cuda.get_device_name()
-    elif memory is None:
-        memory, where = 80.0, "assumed: no GPU here; pass --gpu-memory"
-    try:
-        tokenizer = load_tokenizer(cfg.model, backend=cfg.tokenizer)
-    except TokenizerError as e:
-        data, rows = None, f"the task's length limits ({e})"
-    else:
-        examples = load_examples(cfg.task, "train", fold=cfg.fold, data_dir=cfg.data_dir, train_size=cfg.train_size,
-                                 seed=cfg.seed)
-        data, rows = tokenize_training_set(cfg.task, examples, tokenizer), f"the {len(examples)} training examples"
-    sharding = distributed.pick_sharding(cfg.sharding, world, lambda s: memory_plan(cfg, config, hp, data, world, s,
-                                                                                   memory))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy
-        print(f"{cfg.model} on {cfg.task}: {world} GPU(s) of {memory:g} GiB ({where}); rows: {rows}; K = {hp.k}; "
-              f"sharding: {sharding[0]} ({sharding[1]})")
-        print(format_plan(memory_plan(cfg, config, hp, data, world, sharding[0], memory)))
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
 # The recipe
-
-
-def banner(cfg: TrainConfig, hp: Hparams, form, d: Dist, sharding, n_train: int, n_test: int, loss: str) -> str:
-    """The start of a run in a few lines (config.json holds every setting)."""
-    heads = {"lofit": "stage 1 of this run", "random": f"random, seed {cfg.seed}", "iti": "ITI probe accuracy",
-             "file": f"--heads {cfg.heads}"}[cfg.head_selection]
-    settings = ", ".join(f"{k}={v}" for k, v in form.hparams().items())
-    return "\n".join([
-        f"LoFiT on {cfg.task}" + (f" fold {cfg.fold}" if cfg.task == "truthfulqa" else "") + f": {cfg.model}",
-        f"  data: {n_train} training examples ({loss.upper()}), {n_test} test examples",
-        f"  heads: K = {hp.k} ({hp.source}); chosen by {heads}",
-        f"  stage 1: lr {hp.lr_a:g}, L1 {hp.l1:g}; stage 2: {form.name}{f' ({settings})' if settings else ''}, "
-        f"lr {hp.lr_v:g}; {cfg.epochs} epochs, batch {cfg.batch_size}",
-        f"  {hp.dtype} on {d.device}, {d.world} process(es), {torch.get_num_threads()} thread(s); "
-        f"frozen base: {sharding[0]} ({sharding[1]})"])
 
 
 def run(cfg: TrainConfig, d: Dist) -> int:
@@ -444,11 +379,7 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     config = read_model_config(cfg.model)
     flags.set_threads(cfg.threads, config)  # the banner says how many
     hp = resolve_hparams(cfg, config, d.device.type)
-    form = flags.resolve_intervention(cfg.intervention, cfg.intervention_arg)
-    try:
-        form.parameters(config)
-    except ValueError as e:
-        raise UsageError(f"--intervention {form.name}: {e}") from None
+    form = flags.resolve_intervention(cfg.intervention, cfg.intervention_arg, config)
     if form.selects_heads and cfg.head_selection != "lofit":
         raise UsageError(f"--intervention {form.name} chooses its own heads (it trains every head); "
                          f"leave out --head-selection {cfg.head_selection} and --heads")
@@ -460,14 +391,7 @@ def run(cfg: TrainConfig, d: Dist) -> int:
                              seed=cfg.seed)
     test = load_examples(cfg.task, "test", fold=cfg.fold, data_dir=cfg.data_dir)[:cfg.limit]
     data = tokenize_training_set(cfg.task, examples, tokenizer)
-    gpu_memory = cfg.gpu_memory or distributed.device_memory(d.device) / GiB
-    sharding = distributed.choose_sharding(cfg.sharding, config, getattr(torch, hp.dtype), d, plan_for=lambda s:
-                                           memory_plan(cfg, config, hp, data, d.world, s, gpu_memory))
-    plan = memory_plan(cfg, config, hp, data, d.world, sharding[0], gpu_memory)
-    if d.device.type == "cuda" and not plan.fits:  # only a GPU's memory is known; a CPU's is shared
-        raise UsageError(f"the memory plan needs {plan.per_gpu_gib:.1f} GiB per GPU, more than {gpu_memory:.1f} GiB; "
-                         f"{f'cheapest fix: {plan.fix}' if plan.fix else 'no single change tried fits'} "
-                         f"(see it with --plan)")
+    sharding, plan = sharding_for_run(cfg, config, hp, data, d)  # refuses, on a GPU, a run that cannot fit
     if cfg.compile and sharding[0] == "shard":
         raise UsageError("--compile compiles a replicated base's forward and auto chose --sharding shard; "
                          "leave --compile out")
@@ -476,22 +400,22 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     record = {"flags": asdict(cfg), "resolved": asdict(hp), "intervention": key["intervention"],
               "world_size": d.world, "device": str(d.device),
               "sharding": {"choice": sharding[0], "reason": sharding[1]},
-              "code_version": code_version(), "versions": library_versions()}
+              "code_version": report.code_version(), "versions": report.library_versions()}
     if d.device.type == "cuda":
         record["memory_plan"] = plan.summary()
     if empty := data.without_answer():
         say(d, f"warning: {empty} of {len(data.items)} training examples have a prompt of at least "
                f"{TASK_INFO[cfg.task].max_len} tokens, so no answer token is left after the cut; they add no "
                f"loss (the original did so for CLUTRR; see data/tokenize.py)")
-    say(d, banner(cfg, hp, form, d, sharding, len(examples), len(test), data.loss))
+    say(d, report.banner(cfg, hp, form, d, sharding, len(examples), len(test), data.loss))
     if d.device.type == "cuda":
-        say(d, f"  memory plan: {plan.per_gpu_gib:.1f} GiB per GPU of {gpu_memory:.1f} GiB")
+        say(d, f"  memory plan: {plan.per_gpu_gib:.1f} GiB per GPU of {plan.gpu_memory_gib:.1f} GiB")
     distributed.barrier(d)  # every rank has checked --out before rank 0 touches it
     if d.main:  # rank 0 holds --out (rundir.claim in main)
         write_json_atomically(Path(cfg.out) / "config.json", record)
 
     say(d, f"loading {cfg.model} ({hp.dtype}) ...")
-    with timed(seconds, "load"):
+    with report.timed(seconds, "load"):
         model = load_model(cfg.model, d, getattr(torch, hp.dtype), sharding[0], progress=True)
     say(d, f"model loaded in {seconds['load']:.1f} s")
     if cfg.compile:
@@ -500,12 +424,12 @@ def run(cfg: TrainConfig, d: Dist) -> int:
     warn_beyond_context(model, [len(ids) for ids in data.sequences()], "training sequences", d.main)
     if data.loss == "dpo":
         say(d, f"DPO reference pass: the base model's log-probs of {len(data.items)} answer pairs")
-        with timed(seconds, "reference"):
+        with report.timed(seconds, "reference"):
             data.reference = reference_logprobs(model, data, cfg.eval_batch_size, d, progress=True)
     run = Run(cfg, hp, key, given, d, StepLog(Path(cfg.out), d.main, cfg.wandb, record), form)
     metrics = {"train_loss": {}, "seconds": seconds}
     try:
-        with timed(seconds, "stage 1" if cfg.stage != "2" else "heads"):
+        with report.timed(seconds, "stage 1" if cfg.stage != "2" else "heads"):
             chosen = choose_heads(run, model, tokenizer, examples, data, resume, metrics)
         ranking, source = distributed.same_on_every_rank(chosen, d)
         selected = lofit.select_heads([lofit.HeadScore(*r) for r in ranking],
@@ -520,7 +444,7 @@ def run(cfg: TrainConfig, d: Dist) -> int:
                                     generator=torch.Generator().manual_seed(cfg.seed))
         metrics["trainable_parameters"] = lofit.trainable_count(model)  # LoFiT: K x head_dim
         extra = {"ranking": [list(r) for r in ranking], "source": source, "train_loss": metrics["train_loss"]}
-        with timed(seconds, "stage 2"):
+        with report.timed(seconds, "stage 2"):
             metrics["train_loss"]["stage2"] = train_stage(run, 2, model, params, data,
                                                           resume if resume and resume["stage"] == 2 else None, extra)
     except Stopped:
@@ -529,7 +453,7 @@ def run(cfg: TrainConfig, d: Dist) -> int:
         run.log.close()
         return 0
     if not cfg.no_eval:
-        with timed(seconds, "evaluation"):
+        with report.timed(seconds, "evaluation"):
             result = evaluate_split(model, tokenizer, cfg.task, test, d, batch_size=cfg.eval_batch_size,
                                     progress=d.main)
         metrics["test"] = result["summary"]
@@ -537,19 +461,16 @@ def run(cfg: TrainConfig, d: Dist) -> int:
                                    for k, v in result["summary"].items()))
         if d.main:
             write_json_atomically(Path(cfg.out) / "eval_details.json", result["details"])
-        if not cfg.no_baseline:
-            def score_base():
+        if cfg.no_baseline:
+            metrics["intervals"] = report.intervals(result["details"])
+        else:
+            def score_base():  # the same questions with the offsets off; cached per model, task, split and fold
                 with lofit.offsets_disabled(model):
                     return evaluate_split(model, tokenizer, cfg.task, test, d, batch_size=cfg.eval_batch_size,
                                           progress=d.main)
-            key = baseline_key(model=cfg.model, task=cfg.task, split="test", fold=cfg.fold, limit=cfg.limit,
-                               dtype=hp.dtype, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir)
-            with timed(seconds, "base model"):
-                base = base_scores(key, score_base, d)
-            metrics["base"] = {k: base[k] for k in ("summary", "computed_at", "cached", "path")}
-            metrics["comparison"] = compare(base["details"], result["details"])
-        else:
-            metrics["intervals"] = intervals(result["details"])
+            report.against_base(metrics, result["details"], score_base, d, model=cfg.model, task=cfg.task,
+                                split="test", fold=cfg.fold, limit=cfg.limit, dtype=hp.dtype, tokenizer=cfg.tokenizer,
+                                data_dir=cfg.data_dir)
     return finish(run, model, selected, metrics, record, started, stage=2)
 
 
@@ -567,38 +488,13 @@ def finish(run: Run, model, selected, metrics, record, started, stage: int) -> i
         write_json_atomically(out / "metrics.json", metrics)
         write_json_atomically(out / "config.json", {**record, "seconds": round(time.time() - started, 1)})
         plot_loss(out / "metrics.jsonl", out / "loss.png")
-        report = format_report(run_report(cfg, metrics, selected, stage, [n for n in OUTPUT_FILES if n not in (
-            "checkpoint.pt", "summary.md") and (out / n).exists()] + ["summary.md"]))
-        write_text_atomically(out / "summary.md", report)
+        files = [n for n in OUTPUT_FILES if n != "checkpoint.pt" and ((out / n).exists() or n == "summary.md")]
+        summary = report.format_report(report.train_report(cfg, metrics, selected, stage, files))
+        write_text_atomically(out / "summary.md", summary)
         rundir.commit(out)  # the run is complete: its checkpoint and the run it replaced go
-        say(run.d, "\n" + report)
+        say(run.d, "\n" + summary)
     run.log.close()
     return 0
-
-
-def run_report(cfg: TrainConfig, metrics: dict, selected, stage: int, files: list[str]) -> dict:
-    """What format_report shows for this run: scores against the base model, training, times, next commands."""
-    losses = metrics["train_loss"]
-    trained = [f"{name.replace('stage', 'stage ')} loss per epoch: " + " -> ".join(f"{x:.4f}" for x in history)
-               for name, history in losses.items()]
-    heads = ", ".join(f"({layer}, {head})" for layer, head in selected[:8]) + (", ..." if len(selected) > 8 else "")
-    trained.append(f"heads: K = {len(selected)}" + (f", {metrics['trainable_parameters']} trained numbers"
-                                                     if "trainable_parameters" in metrics else "") + f": {heads}")
-    adapter, fold = f"{cfg.out}/adapter.safetensors", f" --fold {cfg.fold}" if cfg.task == "truthfulqa" else ""
-    model_flags = f"--task {cfg.task} --model {cfg.model}" + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "")
-    commands = [f"python eval.py {model_flags}{fold} --adapter {adapter} --split val --out {cfg.out}/val.json",
-                f"python eval.py --compare OTHER_RUN_DIR {cfg.out}",
-                f"python export.py --adapter {adapter} --model {cfg.model} --format merged --out {cfg.out}-merged"]
-    if stage == 1:
-        commands = [f"python train.py {model_flags}{fold} --heads {cfg.out}/heads.json --out {cfg.out}-stage2"]
-    test = metrics.get("test")
-    scope = f"{cfg.task} test split, {test['n']} questions" + (f", fold {cfg.fold}" if fold else "") if test else \
-        f"{cfg.task}: no test-set evaluation"
-    return {"title": f"LoFiT on {cfg.task}: {cfg.model}", "scope": scope, "comparison": metrics.get("comparison"),
-            "intervals": metrics.get("intervals"), "base": metrics.get("base"),
-            "skipped": "--no-eval" if cfg.no_eval else "--no-baseline" if cfg.no_baseline else "stage 1 only",
-            "trained": trained, "seconds": metrics["seconds"], "outputs": f"{cfg.out}: " + ", ".join(files),
-            "next": commands}
 
 
 def main(argv=None) -> int:
@@ -607,8 +503,9 @@ def main(argv=None) -> int:
     first_rank = os.environ.get("RANK", "0") == "0"
     try:
         cfg.check()
-        if cfg.plan:
-            return show_plan(cfg)
+        if cfg.plan:  # the memory plan from the config alone: nothing loaded, nothing written
+            config = read_model_config(cfg.model, need_weights=False)
+            return print_plan(cfg, config, resolve_hparams(cfg, config, "cuda"))
         d = distributed.setup_distributed(cfg.device)
         finished = False
         try:

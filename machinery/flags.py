@@ -319,8 +319,9 @@ def import_intervention_file(path: str) -> list[str]:
     return module.registered_names
 
 
-def resolve_intervention(spec: str, settings=()):
-    """The form --intervention names (a registered name, or the one form a .py file registers).
+def resolve_intervention(spec: str, settings=(), config=None):
+    """The form --intervention names (a registered name, or the one form a .py file registers), checked
+    against the model's `config` when given (the shapes of its parameters).
 
     Raises:
         UsageError: an unknown name, a file that registers no form or several, or bad settings.
@@ -346,6 +347,12 @@ def resolve_intervention(spec: str, settings=()):
         except ValueError:
             values[key] = text
     try:
-        return make_intervention(name, **values)
+        form = make_intervention(name, **values)
     except ValueError as e:
         raise UsageError(f"--intervention: {e}") from None
+    try:
+        if config is not None:
+            form.parameters(config)
+    except ValueError as e:
+        raise UsageError(f"--intervention {form.name}: {e}") from None
+    return form

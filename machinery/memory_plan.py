@@ -61,10 +61,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 
-from data import TASK_INFO
+import torch
+
+from data import TASK_INFO, load_examples, tokenize_training_set
+from machinery import distributed
+from machinery.flags import UsageError
 from model import LlamaConfig
+from tokenizer import TokenizerError, load_tokenizer
 
 GiB = 2 ** 30
 FP32 = 4
@@ -459,3 +465,56 @@ def docs_table(lengths: list[tuple[str, Lengths]], batch: int = 8) -> str:
 if __name__ == "__main__":
     print(docs_table([("100 + 100 tokens", Lengths(100, 100)), ("48 + 35 tokens", Lengths(48, 35)),
                       ("76 + 35 tokens", Lengths(76, 35))]))
+
+
+def plan_for_run(cfg, config, hp, data, world: int, sharding: str, gpu_memory_gib: float) -> MemoryPlan:
+    """train.py's per-GPU peak: its longest tokenized rows (`data`, a data.TrainData), else the task's length
+    limits. `cfg` is train.TrainConfig, `hp` train.Hparams."""
+    lengths = lengths_from_items(data.loss, data.items) if data and data.items else task_limit_lengths(cfg.task)
+    return plan_memory(config, lengths=lengths, batch=cfg.batch_size, micro_batch=cfg.micro_batch_size,
+                       loss=TASK_INFO[cfg.task].loss, dtype=hp.dtype, sharding=sharding, world=world, k_heads=hp.k,
+                       gpu_memory_gib=gpu_memory_gib)
+
+
+def print_plan(cfg, config, hp) -> int:
+    """train.py --plan: print the plan for --gpus GPUs of --gpu-memory GiB from `config` and the tokenized
+    training set (read no weights, write nothing). `cfg` is train.TrainConfig, `hp` train.Hparams."""
+    world = cfg.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    memory, where = cfg.gpu_memory, "--gpu-memory"
+    if memory is None and torch.cuda.is_available():
+        memory, where = distributed.device_memory(torch.device("cuda")) / GiB, torch.cuda.get_device_name()
+    elif memory is None:
+        memory, where = 80.0, "assumed: no GPU here; pass --gpu-memory"
+    try:
+        tokenizer = load_tokenizer(cfg.model, backend=cfg.tokenizer)
+    except TokenizerError as e:
+        data, rows = None, f"the task's length limits ({e})"
+    else:
+        examples = load_examples(cfg.task, "train", fold=cfg.fold, data_dir=cfg.data_dir, train_size=cfg.train_size,
+                                 seed=cfg.seed)
+        data, rows = tokenize_training_set(cfg.task, examples, tokenizer), f"the {len(examples)} training examples"
+    sharding = distributed.pick_sharding(cfg.sharding, world,
+                                         lambda s: plan_for_run(cfg, config, hp, data, world, s, memory))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy
+        print(f"{cfg.model} on {cfg.task}: {world} GPU(s) of {memory:g} GiB ({where}); rows: {rows}; K = {hp.k}; "
+              f"sharding: {sharding[0]} ({sharding[1]})")
+        print(format_plan(plan_for_run(cfg, config, hp, data, world, sharding[0], memory)))
+    return 0
+
+
+def sharding_for_run(cfg, config, hp, data, d) -> tuple[tuple[str, str], MemoryPlan]:
+    """train.py's frozen-base sharding (auto follows the plan) and its plan, before anything is loaded.
+
+    Raises:
+        UsageError: on a GPU (whose memory is known; a CPU's is shared), a plan that does not fit,
+            naming the cheapest fix.
+    """
+    gpu_memory = cfg.gpu_memory or distributed.device_memory(d.device) / GiB
+    sharding = distributed.choose_sharding(cfg.sharding, config, getattr(torch, hp.dtype), d, plan_for=lambda s:
+                                           plan_for_run(cfg, config, hp, data, d.world, s, gpu_memory))
+    plan = plan_for_run(cfg, config, hp, data, d.world, sharding[0], gpu_memory)
+    if d.device.type == "cuda" and not plan.fits:
+        raise UsageError(f"the memory plan needs {plan.per_gpu_gib:.1f} GiB per GPU, more than {gpu_memory:.1f} GiB; "
+                         f"{f'cheapest fix: {plan.fix}' if plan.fix else 'no single change tried fits'} "
+                         f"(see it with --plan)")
+    return sharding, plan

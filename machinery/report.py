@@ -183,6 +183,15 @@ def base_scores(key: dict, compute, d: Dist) -> dict:
     return {**entry, "cached": False, "path": str(path)}
 
 
+def against_base(metrics: dict, details: list[dict], score_base, d: Dist, **key) -> None:
+    """Add the base model's scores (cached per `key`: baseline_key's fields) and the paired comparison
+    with `details` (this run's per-question results) to `metrics`; score_base() evaluates the base."""
+    with timed(metrics["seconds"], "base model"):
+        base = base_scores(baseline_key(**key), score_base, d)
+    metrics["base"] = {k: base[k] for k in ("summary", "computed_at", "cached", "path")}
+    metrics["comparison"] = compare(base["details"], details)
+
+
 def base_note(base: dict | None, skipped: str = "--no-baseline") -> str:
     if base is None:
         return f"base model: not scored ({skipped})"
@@ -262,3 +271,48 @@ def format_report(r: dict) -> str:
     if r.get("next"):
         lines += ["", "Next:", ""] + [f"    {command}" for command in r["next"]]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's banner and report
+
+
+def banner(cfg, hp, form, d: Dist, sharding, n_train: int, n_test: int, loss: str) -> str:
+    """train.py's start in a few lines: task, data, K and why, learning rates, dtype, device, threads,
+    sharding (config.json holds every setting). `cfg` is train.TrainConfig, `hp` train.Hparams."""
+    heads = {"lofit": "stage 1 of this run", "random": f"random, seed {cfg.seed}", "iti": "ITI probe accuracy",
+             "file": f"--heads {cfg.heads}"}[cfg.head_selection]
+    settings = ", ".join(f"{k}={v}" for k, v in form.hparams().items())
+    return "\n".join([
+        f"LoFiT on {cfg.task}" + (f" fold {cfg.fold}" if cfg.task == "truthfulqa" else "") + f": {cfg.model}",
+        f"  data: {n_train} training examples ({loss.upper()}), {n_test} test examples",
+        f"  heads: K = {hp.k} ({hp.source}); chosen by {heads}",
+        f"  stage 1: lr {hp.lr_a:g}, L1 {hp.l1:g}; stage 2: {form.name}{f' ({settings})' if settings else ''}, "
+        f"lr {hp.lr_v:g}; {cfg.epochs} epochs, batch {cfg.batch_size}",
+        f"  {hp.dtype} on {d.device}, {d.world} process(es), {torch.get_num_threads()} thread(s); "
+        f"frozen base: {sharding[0]} ({sharding[1]})"])
+
+
+def train_report(cfg, metrics: dict, selected, stage: int, files: list[str]) -> dict:
+    """What format_report shows for this run: scores against the base model, training, times, next commands."""
+    losses = metrics["train_loss"]
+    trained = [f"{name.replace('stage', 'stage ')} loss per epoch: " + " -> ".join(f"{x:.4f}" for x in history)
+               for name, history in losses.items()]
+    heads = ", ".join(f"({layer}, {head})" for layer, head in selected[:8]) + (", ..." if len(selected) > 8 else "")
+    trained.append(f"heads: K = {len(selected)}" + (f", {metrics['trainable_parameters']} trained numbers"
+                                                     if "trainable_parameters" in metrics else "") + f": {heads}")
+    adapter, fold = f"{cfg.out}/adapter.safetensors", f" --fold {cfg.fold}" if cfg.task == "truthfulqa" else ""
+    model_flags = f"--task {cfg.task} --model {cfg.model}" + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "")
+    commands = [f"python eval.py {model_flags}{fold} --adapter {adapter} --split val --out {cfg.out}/val.json",
+                f"python eval.py --compare OTHER_RUN_DIR {cfg.out}",
+                f"python export.py --adapter {adapter} --model {cfg.model} --format merged --out {cfg.out}-merged"]
+    if stage == 1:
+        commands = [f"python train.py {model_flags}{fold} --heads {cfg.out}/heads.json --out {cfg.out}-stage2"]
+    test = metrics.get("test")
+    scope = f"{cfg.task} test split, {test['n']} questions" + (f", fold {cfg.fold}" if fold else "") if test else \
+        f"{cfg.task}: no test-set evaluation"
+    return {"title": f"LoFiT on {cfg.task}: {cfg.model}", "scope": scope, "comparison": metrics.get("comparison"),
+            "intervals": metrics.get("intervals"), "base": metrics.get("base"),
+            "skipped": "--no-eval" if cfg.no_eval else "--no-baseline" if cfg.no_baseline else "stage 1 only",
+            "trained": trained, "seconds": metrics["seconds"], "outputs": f"{cfg.out}: " + ", ".join(files),
+            "next": commands}
