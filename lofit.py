@@ -368,6 +368,23 @@ def train_rows(attn: nn.Module, name: str, rows: list[int]) -> nn.Parameter:
     return param
 
 
+def init_head_rows(model, heads, name: str, init_std: float, generator) -> list[nn.Parameter]:
+    """Draw the rows of per-head parameter `name` for `heads` ~ N(0, init_std), one (head_dim,) row per
+    head in `heads` order (on the CPU, in fp32: the same numbers on any device), and train those rows
+    only (train_rows); returns the parameters to optimise, in layer order. LoFiT's v is drawn this way."""
+    draws = _normal((len(heads), model.config.head_dim), init_std, generator, torch.empty(0))  # (K, hd)
+    params = []
+    with torch.no_grad():
+        for layer, attn in enumerate(attentions(model)):
+            rows = [(i, h) for i, (at, h) in enumerate(heads) if at == layer]
+            param = getattr(attn, name)
+            for i, h in rows:
+                param[h] = draws[i].to(param.device, param.dtype)
+            if rows:
+                params.append(train_rows(attn, name, [h for _, h in rows]))
+    return params
+
+
 def trainable_count(model) -> int:
     """Trainable numbers as the paper counts them: L*H*head_dim in stage 1, K*head_dim in stage 2.
 
@@ -556,16 +573,7 @@ class LoFiT(Intervention):
     name = "lofit"
 
     def setup(self, model, heads, init_std, generator):
-        draws = _normal((len(heads), model.config.head_dim), init_std, generator, torch.empty(0))  # (K, hd)
-        params = []
-        with torch.no_grad():
-            for layer, attn in enumerate(attentions(model)):
-                rows = [(i, h) for i, (at, h) in enumerate(heads) if at == layer]
-                for i, h in rows:
-                    attn.lofit_v[h] = draws[i].to(attn.lofit_v.device, attn.lofit_v.dtype)
-                if rows:
-                    params.append(train_rows(attn, "lofit_v", [h for _, h in rows]))
-        return params
+        return init_head_rows(model, heads, "lofit_v", init_std, generator)
 
     def merge(self, attn, weight, bias):
         return weight, bias  # A and v are folded for every form (adapter.merged_o_proj)

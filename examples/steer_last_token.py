@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lofit import Intervention, attentions, register, train_rows
+from lofit import Intervention, init_head_rows, register
 
 
 @register
@@ -40,13 +40,4 @@ class SteerLastToken(Intervention):
 
     def setup(self, model, heads, init_std, generator):
         """s ~ N(0, init_std) on the selected heads, drawn in `heads` order on the CPU; trainable there only."""
-        draws = torch.randn(len(heads), model.config.head_dim, generator=generator) * init_std  # (K, hd)
-        params = []
-        with torch.no_grad():
-            for layer, attn in enumerate(attentions(model)):
-                rows = [(i, h) for i, (at, h) in enumerate(heads) if at == layer]
-                for i, h in rows:
-                    attn.lofit_s[h] = draws[i].to(attn.lofit_s.device, attn.lofit_s.dtype)
-                if rows:
-                    params.append(train_rows(attn, "lofit_s", [h for _, h in rows]))
-        return params
+        return init_head_rows(model, heads, "lofit_s", init_std, generator)
