@@ -135,15 +135,10 @@ class TrainConfig:
             (self.head_selection == "iti" and self.task != "truthfulqa",
              f"--head-selection iti probes true vs false answers, which only truthfulqa has; for {self.task}, "
              f"run iti.py on truthfulqa and pass its heads.json with --heads"),
-            (int(os.environ.get("WORLD_SIZE", "1")) > 1 and ":" in self.device,
-             f"--device {self.device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda"),
             (self.dtype == "float16", "--dtype float16 would train without loss scaling, so small gradients "
              "underflow to zero; use --dtype bfloat16 (the same memory, float32's range)"),
             (self.gpus is not None and not self.plan, "--gpus N plans for hardware this job does not have: "
              "it goes with --plan"),
-            (self.gpus is not None and self.gpus < 1, f"--gpus must be positive, got {self.gpus}"),
-            (self.gpu_memory is not None and not self.gpu_memory > 0,
-             f"--gpu-memory must be positive, got {self.gpu_memory}"),
             (self.compile and self.sharding == "shard", "--compile compiles a replicated base's forward; "
              "with --sharding shard, leave --compile out")]
         if self.wandb:

@@ -198,7 +198,7 @@ def parse_flags(cls, argv, description: str):
 
 # Numeric flags and what they must be, whichever script has them (argparse dest -> rule).
 POSITIVE = ("epochs", "batch_size", "micro_batch_size", "k", "lr_a", "lr_v", "beta", "init_std", "limit",
-            "eval_batch_size", "stop_after", "probe_l2", "threads")
+            "eval_batch_size", "stop_after", "probe_l2", "threads", "gpus", "gpu_memory")
 NOT_NEGATIVE = ("l1", "train_size")
 
 
