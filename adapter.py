@@ -400,7 +400,11 @@ def export_merged(model, out_dir, tokenizer_dir=None, overwrite: bool = False) -
         if out_dir.exists():  # overwrite: move the old one aside first, delete it once the new one is in place
             old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)  # the new one could not take its place: the old one stays
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)

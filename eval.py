@@ -336,7 +336,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars (the report is still printed)")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--no-baseline", action="store_true", help="with --adapter: do not score the base model for "
-                   "the report (its scores are cached once per model, task, split, fold and limit)")
+                   "the report (its scores are cached per model, task, split, fold, limit, dtype, tokenizer and "
+                   "data directory)")
     return p.parse_args(argv)
 
 
@@ -461,10 +462,11 @@ def compare_main(args) -> int:
         return report_error(err)
     n = next(iter(result["metrics"].values()))["n"]
     fold = f" fold {result['fold']}" if result["fold"] is not None else ""
-    print(f"A = {result['a']}, B = {result['b']}\n{result['task']} {result['split'] or ''}{fold}: {n} questions "
-          f"scored by both; 95% paired bootstrap intervals, exact McNemar (0/1 metrics) or sign test\n")
+    scope = f"{result['task'] or 'task unknown'} {result['split'] or ''}{fold}"
+    print(f"A = {result['a']}, B = {result['b']}\n{scope}: {n} questions scored by both;"
+          f" 95% paired bootstrap intervals, exact McNemar (0/1 metrics) or sign test\n")
     print("\n".join(comparison_table(result["metrics"], ("A", "B"))))
-    return save_results(Path(args.out), result) if args.out is not None else 0
+    return save_results(Path(args.out), result, overwrite=args.overwrite) if args.out is not None else 0
 
 
 def load_adapter_or_fail(path: str, model: Llama, task: str, fold: int, split: str = "test") -> None:

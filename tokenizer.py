@@ -130,7 +130,7 @@ def load_tokenizer(path_or_repo_id: str, token: str | None = None, backend: str 
     """Load the tokenizer of a checkpoint directory or hub repo id.
 
     Args:
-        path_or_repo_id: local checkpoint directory, Hugging Face repo id (see ``hub.resolve_model_dir``),
+        path_or_repo_id: local checkpoint directory, Hugging Face repo id (see ``storage.hub.resolve_model_dir``),
             or a llama.cpp .gguf file (its vocabulary and merges, see storage/gguf_file.py).
         token: optional hub token for gated or private repos.
         backend: "auto" (SentencePiece if it can read ``tokenizer.model``, else ``tokenizer.json``),

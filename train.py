@@ -105,7 +105,7 @@ class TrainConfig:
     no_eval: bool = flag(False, "skip the test-set evaluation (score it later with eval.py)")
     threads: int | None = flag(None, flags.THREADS_HELP)
     no_baseline: bool = flag(False, "do not score the base model on the test set for the report (its scores "
-                             "are cached once per model, task, fold and limit)")
+                             "are cached per model, task, split, fold, limit, dtype, tokenizer and data directory)")
     wandb: str | None = flag(None, "also log every step to this Weights & Biases project", metavar="PROJECT")
     plan: bool = flag(False, "print the memory plan per GPU (from config.json alone, no weights read) and exit")
     gpus: int | None = flag(None, "--plan for this many GPUs (default: this job's processes)", metavar="N")
@@ -459,7 +459,7 @@ def run(cfg: TrainConfig, d: Dist) -> int:
         if cfg.no_baseline:
             metrics["intervals"] = report.intervals(result["details"])
         else:
-            def score_base():  # the same questions with the offsets off; cached per model, task, split and fold
+            def score_base():  # the same questions with the offsets off; cached (report.baseline_key)
                 with lofit.offsets_disabled(model):
                     return evaluate_split(model, tokenizer, cfg.task, test, d, batch_size=cfg.eval_batch_size,
                                           progress=d.main)

@@ -1,7 +1,8 @@
 """A per-head steering vector added at one position only: the last prompt token, z_h <- z_h + s_h there.
 
     python train.py --task mquake --intervention examples/steer_last_token.py
-    python eval.py --task mquake --intervention examples/steer_last_token.py --adapter runs/mquake/adapter.safetensors
+    python eval.py --task mquake --model meta-llama/Llama-2-7b-hf --intervention examples/steer_last_token.py \
+        --adapter runs/mquake/adapter.safetensors
 
 Stage 1 (LoFiT's head selection) is unchanged; stage 2 trains s_h (head_dim,) of the K selected heads.
 Where the edit acts comes from its context (model.EditContext): the column just before each row's

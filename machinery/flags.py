@@ -278,7 +278,10 @@ def check_out_file(out: str | Path, *, overwrite: bool = False) -> None:
 
 def add_intervention_flags(parser, with_settings: bool = True) -> None:
     """Add --intervention (and, for training, --intervention-arg KEY=VALUE, repeatable)."""
-    parser.add_argument("--intervention", default="lofit", metavar="NAME|FILE.py", help=INTERVENTION_HELP)
+    reading = "the .py file that defines the adapter's form, when it is not built in (its name and settings are " \
+              "read from the adapter)"
+    parser.add_argument("--intervention", default="lofit", metavar="NAME|FILE.py",
+                        help=INTERVENTION_HELP if with_settings else reading)
     if with_settings:
         parser.add_argument("--intervention-arg", action="append", default=[], metavar="KEY=VALUE",
                             help=INTERVENTION_ARG_HELP)
@@ -353,6 +356,7 @@ def resolve_intervention(spec: str, settings=(), config=None):
     try:
         if config is not None:
             form.parameters(config)
+            form.mlp_parameters(config)
     except ValueError as e:
         raise UsageError(f"--intervention {form.name}: {e}") from None
     return form

@@ -430,7 +430,6 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The table in docs/gpu.md: python -m machinery.memory_plan
 
@@ -460,11 +459,6 @@ def docs_table(lengths: list[tuple[str, Lengths]], batch: int = 8) -> str:
                     cells.append(f"{p.tensor_gib:.1f} ({p.per_gpu_gib:.1f})")
                 out.append(f"| {size} | {dtype} | {world}, {sharding} | " + " | ".join(cells) + " |")
     return "\n".join(out)
-
-
-if __name__ == "__main__":
-    print(docs_table([("100 + 100 tokens", Lengths(100, 100)), ("48 + 35 tokens", Lengths(48, 35)),
-                      ("76 + 35 tokens", Lengths(76, 35))]))
 
 
 def plan_for_run(cfg, config, hp, data, world: int, sharding: str, gpu_memory_gib: float) -> MemoryPlan:
@@ -518,3 +512,8 @@ def sharding_for_run(cfg, config, hp, data, d) -> tuple[tuple[str, str], MemoryP
                          f"{f'cheapest fix: {plan.fix}' if plan.fix else 'no single change tried fits'} "
                          f"(see it with --plan)")
     return sharding, plan
+
+
+if __name__ == "__main__":
+    print(docs_table([("100 + 100 tokens", Lengths(100, 100)), ("48 + 35 tokens", Lengths(48, 35)),
+                      ("76 + 35 tokens", Lengths(76, 35))]))

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -77,10 +78,14 @@ def timed(seconds: dict, phase: str):
 
 
 def per_question(details: list[dict]) -> dict[str, dict[tuple, float]]:
-    """{metric: {(fold, id): value}} from eval.py's details: TruthfulQA's mc1/mc2/mc3, else 0/1 correctness."""
-    values: dict[str, dict[tuple, float]] = {}
+    """{metric: {id: value}} from eval.py's details: TruthfulQA's mc1/mc2/mc3, else 0/1 correctness.
+
+    Keyed by question id alone: ids are unique within a task, and TruthfulQA's two folds hold disjoint
+    questions; train.py's rows carry no fold and eval.py's do, and both must pair (compare_runs checks
+    that the folds agree)."""
+    values: dict[str, dict[str, float]] = {}
     for row in details:
-        key = (row.get("fold", 0), str(row["id"]))
+        key = str(row["id"])
         if "mc1" in row:
             scores = {m: row[m] for m in ("mc1", "mc2", "mc3")}
         else:
@@ -179,7 +184,7 @@ def base_scores(key: dict, compute, d: Dist) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomically(path, entry)
         except (OSError, WriteError) as e:
-            print(f"note: the base model's scores could not be cached ({e})")
+            print(f"note: the base model's scores could not be cached ({e})", file=sys.stderr)
     return {**entry, "cached": False, "path": str(path)}
 
 
@@ -196,7 +201,7 @@ def base_note(base: dict | None, skipped: str = "--no-baseline") -> str:
     if base is None:
         return f"base model: not scored ({skipped})"
     when = "read from the cache, computed " + base["computed_at"] if base["cached"] else "computed in this run"
-    return f"base model: {when} (cached per model, task, split, fold and limit: {base['path']})"
+    return f"base model: {when} (cached per model, task, split, fold, limit, dtype, tokenizer and data: {base['path']})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +227,10 @@ def load_scored(path: str) -> dict:
                 "fold": folds[0] if len(folds) == 1 else folds}
         content = content["details"]
     elif (file.parent / "config.json").is_file():  # train.py's run directory: its test split
-        flags = json.loads((file.parent / "config.json").read_text()).get("flags", {})
+        try:
+            flags = json.loads((file.parent / "config.json").read_text()).get("flags", {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"--compare {path}: its config.json cannot be read ({e})") from None
         meta = {"task": flags.get("task"), "split": "test", "fold": flags.get("fold")}
     if not isinstance(content, list) or not all(isinstance(r, dict) and "id" in r for r in content):
         raise UsageError(f"--compare {path}: not eval.py's details (a list of per-question results)")
@@ -253,7 +261,8 @@ def format_report(r: dict) -> str:
     scored), comparison (compare's, or None), intervals ({metric: bootstrap_interval} when there is no
     base), base (base_scores' or None), skipped (why not), trained (lines), seconds, outputs, next (commands)."""
     scored = r.get("comparison") or r.get("intervals")
-    lines = [f"## {r['title']}", "", r["scope"] + ("; 95% bootstrap intervals (10,000 resamples, paired)"
+    kind = "paired, " if r.get("comparison") else ""
+    lines = [f"## {r['title']}", "", r["scope"] + (f"; 95% bootstrap intervals ({kind}10,000 resamples)"
                                                    if scored else ""), ""]
     if r.get("comparison"):
         lines += comparison_table(r["comparison"], ("base", "tuned"))
@@ -302,10 +311,12 @@ def train_report(cfg, metrics: dict, selected, stage: int, files: list[str]) -> 
     trained.append(f"heads: K = {len(selected)}" + (f", {metrics['trainable_parameters']} trained numbers"
                                                      if "trainable_parameters" in metrics else "") + f": {heads}")
     adapter, fold = f"{cfg.out}/adapter.safetensors", f" --fold {cfg.fold}" if cfg.task == "truthfulqa" else ""
-    model_flags = f"--task {cfg.task} --model {cfg.model}" + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "")
+    model_flags = f"--task {cfg.task} --model {cfg.model}" + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") \
+        + (f" --intervention {cfg.intervention}" if cfg.intervention != "lofit" else "")  # a form's file to import
     commands = [f"python eval.py {model_flags}{fold} --adapter {adapter} --split val --out {cfg.out}/val.json",
                 f"python eval.py --compare OTHER_RUN_DIR {cfg.out}",
-                f"python export.py --adapter {adapter} --model {cfg.model} --format merged --out {cfg.out}-merged"]
+                f"python export.py --adapter {adapter} --model {cfg.model} --format merged --out {cfg.out}-merged"
+                + (f" --intervention {cfg.intervention}" if cfg.intervention.endswith(".py") else "")]
     if stage == 1:
         commands = [f"python train.py {model_flags}{fold} --heads {cfg.out}/heads.json --out {cfg.out}-stage2"]
     test = metrics.get("test")

@@ -365,7 +365,7 @@ def claim_file(path, *, overwrite: bool = False, command: str = ""):
     """Hold one results file (eval.py's --out) while it is computed and written: `.NAME.lock` beside it.
 
     Under the lock, the file must not exist (unless `overwrite`); a second run into the same file is
-    refused naming the holder. write the file with atomic.write_json_atomically(..., replace=overwrite),
+    refused naming the holder. write the file with storage.atomic.write_json_atomically(..., replace=overwrite),
     so a writer that does not take the lock cannot be silently replaced either.
 
     Raises:

@@ -1,4 +1,4 @@
-"""cli.py: device and dtype resolution, the --out check and the error report shared by the three scripts."""
+"""machinery/flags.py: device and dtype resolution, the --out check and the error report shared by the three scripts."""
 import pytest
 import torch
 

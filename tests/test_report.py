@@ -78,7 +78,7 @@ def test_per_question_pairs_on_shared_questions():
     a = [{"id": 1, "correct": True, "correct_stripped": True}, {"id": 2, "correct": False, "correct_stripped": True},
          {"id": 3, "correct": False, "correct_stripped": False}]
     b = [{"id": 3, "correct": True, "correct_stripped": True}, {"id": 2, "correct": True, "correct_stripped": True}]
-    assert per_question(a)["accuracy"] == {(0, "1"): 1.0, (0, "2"): 0.0, (0, "3"): 0.0}
+    assert per_question(a)["accuracy"] == {"1": 1.0, "2": 0.0, "3": 0.0}
     result = compare(a, b, n_resamples=200)
     assert result["accuracy"]["n"] == 2 and result["accuracy"]["mean_diff"] == 1.0
     assert result["accuracy_stripped"]["mean_diff"] == 0.5 and result["accuracy"]["test"] == "McNemar"
@@ -88,6 +88,10 @@ def test_per_question_pairs_on_shared_questions():
     result = compare(mc, worse, n_resamples=200)
     assert result["mc2"]["mean_diff"] == pytest.approx(-0.1) and result["mc2"]["test"] == "sign"
     assert result["mc1"]["p_value"] == 1.0
+    # train.py's rows carry no fold, eval.py's TruthfulQA rows do: fold 1's questions still pair
+    from_eval = [{**row, "fold": 1} for row in worse]
+    assert compare([{k: v for k, v in row.items() if k != "fold"} for row in mc], from_eval,
+                   n_resamples=200)["mc2"]["n"] == 2
 
 
 @pytest.fixture(scope="module")
