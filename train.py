@@ -209,7 +209,7 @@ def pair_logprobs(model, data: TrainData, chunk: list[int], device) -> torch.Ten
     """(n, 2) summed answer log-probs of the chosen and rejected answers of pairs `chunk`; each pair's
     prompt runs once, except under FSDP sharding, which cannot run a block twice before a backward."""
     return lofit.pair_answer_logprobs(model, [data.items[i] for i in chunk], data.pad_id, device,
-                                shared_prefix=not isinstance(model, FSDPModule))
+                                      shared_prefix=not isinstance(model, FSDPModule))
 
 
 @torch.no_grad()
@@ -324,8 +324,8 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
                f"{time.time() - began:.1f} s")
         if d.main:
             train_state.save_checkpoint(Path(cfg.out), key=run.key, stage=stage, epoch=epoch + 1, history=history,
-                            extra={**(extra or {}), "form": form.state_dict()}, params=named, optimizer=optimizer,
-                            schedule=schedule, log_lines=run.log.lines)
+                                        extra={**(extra or {}), "form": form.state_dict()}, params=named,
+                                        optimizer=optimizer, schedule=schedule, log_lines=run.log.lines)
         run.epochs_run += 1
         if cfg.stop_after and run.epochs_run >= cfg.stop_after:
             model.eval()
