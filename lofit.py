@@ -452,6 +452,9 @@ class Intervention:
     Hooks for the trainer (train.py), each optional:
     - `selects_heads = True`: the form localizes by itself; train every head instead of running stage 1.
     - `penalty(model)`: a scalar added to the loss once per global batch (None: no penalty).
+    - `start_step(model)`: called once per global batch, on every process, before its micro-batches:
+      where a form draws its randomness for the step, so that the draws do not depend on how the
+      batch is split into micro-batches and processes.
     - `state_dict()` / `load_state_dict(state)`: the form's own state besides its parameters (e.g. a
       random generator), kept in checkpoints so that a resumed run is the uninterrupted one.
     Reset, saving, loading, gradient masks and the trainable count are generic over `lofit_*`.
@@ -462,6 +465,9 @@ class Intervention:
 
     def penalty(self, model) -> torch.Tensor | None:
         return None
+
+    def start_step(self, model) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {}

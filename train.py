@@ -300,6 +300,7 @@ def train_stage(run: Run, stage: int, model, params, data: TrainData, resume=Non
         for step, batch in enumerate(bar):
             step_began, normaliser = time.time(), data.normaliser(batch)
             loss_sum, penalty = torch.zeros((), device=d.device), {}
+            form.start_step(model)  # a stochastic form draws this step's noise: the same on every rank
             for i, (chunk, weight) in enumerate(rank_share(batch, d, micro)):
                 loss = micro_batch_loss(model, data, chunk, normaliser, cfg.beta, d.device) * weight
                 if l1 and d.main and i == 0:  # the L1 penalty counts once per global batch

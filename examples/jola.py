@@ -4,11 +4,12 @@
 
 Each head has two HardConcrete gates (Louizos et al. 2018) with log-alphas p_h (scale) and q_h
 (offset): temperature 0.33, stretched to (-0.1, 1.1) and clipped to [0, 1]. While the model is
-training (EditContext.training) each gate is sampled once per head and forward pass (shared by the
-batch's rows) from u ~ U(0, 1) drawn from the form's own generator (seeded in setup; `state_dict` is
-what a checkpoint keeps, so a resumed run draws the same gates); at evaluation it is deterministic,
-clip(sigmoid(p) * 1.2 - 0.1, 0, 1). The penalty is the
-expected number of open gates (the expected L0 norm), times the setting l0, once per global batch.
+training (EditContext.training) each gate is sampled once per head and optimiser step (start_step;
+shared by the batch's rows, micro-batches and processes, so 2 processes train as 1) from u ~ U(0, 1)
+drawn from the form's own generator (seeded in setup; `state_dict` is what a checkpoint keeps, so a
+resumed run draws the same gates); at evaluation it is deterministic, clip(sigmoid(p) * 1.2 - 0.1,
+0, 1). The penalty is the expected number of open gates (the expected L0 norm), times l0, once per
+global batch.
 
 JoLA localizes by its gates rather than by LoFiT's stage 1: `selects_heads` asks the trainer to
 train every head; where the trainer has no such step it trains the heads it is given. All-zero
@@ -50,22 +51,32 @@ class JoLA(Intervention):
 
     def __post_init__(self):
         self.rng = torch.Generator().manual_seed(0)  # setup seeds it from the run's seed
+        self.noise = None  # (L, 2, H) uniform draws of the current optimiser step (start_step)
 
     def parameters(self, config):
         """m, a (H, hd) and the gates' log-alphas p, q (H,), created at 0 by lofit.install."""
         return {"m": (config.n_heads, config.head_dim), "a": (config.n_heads, config.head_dim),
                 "p": (config.n_heads,), "q": (config.n_heads,)}
 
-    def gates(self, attn, training: bool):
-        """(g_m, g_a), each (H, 1): sampled from the form's generator while training, else deterministic."""
+    def start_step(self, model):
+        """Draw every layer's gate noise for one optimiser step: JoLA samples once per batch, and a global
+        batch may run as several micro-batches and processes (all of which use these same draws)."""
+        n_layers, n_heads = model.config.n_layers, model.config.n_heads
+        self.noise = torch.rand(n_layers, 2, n_heads, generator=self.rng).clamp(1e-6, 1 - 1e-6)
+
+    def gates(self, attn, training: bool, layer: int = 0):
+        """(g_m, g_a), each (H, 1): sampled while training (the step's noise; without a step, a fresh draw
+        from the form's generator), else deterministic."""
         if not training:
             return gate(attn.lofit_p)[:, None], gate(attn.lofit_q)[:, None]
-        u = torch.rand(2, attn.n_heads, generator=self.rng).clamp(1e-6, 1 - 1e-6).to(attn.lofit_p.device)
+        u = self.noise[layer] if self.noise is not None else \
+            torch.rand(2, attn.n_heads, generator=self.rng).clamp(1e-6, 1 - 1e-6)
+        u = u.to(attn.lofit_p.device)
         return gate(attn.lofit_p, u[0])[:, None], gate(attn.lofit_q, u[1])[:, None]
 
     def edit(self, attn, z, ctx):
         """z (B, T, H, hd) -> (1 + g_m m) * z + g_a a, per head."""
-        g_m, g_a = self.gates(attn, ctx is not None and ctx.training)
+        g_m, g_a = self.gates(attn, ctx is not None and ctx.training, ctx.layer if ctx is not None else 0)
         return (1 + g_m * attn.lofit_m) * z + g_a * attn.lofit_a
 
     def setup(self, model, heads, init_std, generator):
