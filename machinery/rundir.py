@@ -83,6 +83,17 @@ def _holder(path: Path) -> str:
         return "another process (it has not written its details yet)"
 
 
+def _holder_info(command: str) -> dict:
+    """What a lock file says about its holder: pid, host, start time and command."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": command}
+
+
+def _why(path: Path, error: OSError) -> str:
+    """The reason part of write_error's message ("cannot write PATH: reason")."""
+    return str(write_error(path, error)).split(": ", 1)[1]
+
+
 def _lock(out: Path, info: dict, path: Path | None = None) -> int:
     """flock `path` (default `out/.lock`; created if needed); return its descriptor, or refuse naming the holder."""
     path = out / LOCK if path is None else path
@@ -272,21 +283,19 @@ def claim(out, outputs, *, overwrite: bool = False, resume: bool = False, checkp
         is_file = out.exists() and not out.is_dir()
         model = _present(out, MODEL_FILES) if out.is_dir() else []
     except OSError as e:  # e.g. a name longer than the filesystem allows
-        raise UsageError(f"--out {out} cannot be used: {str(write_error(out, e)).split(': ', 1)[1]}") from None
+        raise UsageError(f"--out {out} cannot be used: {_why(out, e)}") from None
     if is_file:
         raise UsageError(f"--out {out} is a file; pass a directory")
     if model:
         raise UsageError(f"--out {out} holds a model ({', '.join(model)}), not a run's outputs; pass another --out "
                          f"(a run never writes into a model's directory)")
     created = not out.exists()
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command}
+    info = _holder_info(command)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = _lock(out, info)
     except OSError as e:
-        raise UsageError(f"--out {out} cannot be created or written: {str(write_error(out, e)).split(': ', 1)[1]}") \
-            from None
+        raise UsageError(f"--out {out} cannot be created or written: {_why(out, e)}") from None
     try:
         _recover(out, outputs, checkpoint)
         other = _other_run(out, checkpoint)
@@ -375,12 +384,11 @@ def claim_file(path, *, overwrite: bool = False, command: str = ""):
     check_out_file(path, overwrite=overwrite)  # (an empty name is refused before it becomes ".")
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command}
+    info = _holder_info(command)
     try:
         fd = _lock(path, info, lock)
     except OSError as e:
-        raise UsageError(f"--out {path} cannot be written: {str(write_error(lock, e)).split(': ', 1)[1]}") from None
+        raise UsageError(f"--out {path} cannot be written: {_why(lock, e)}") from None
     try:
         check_out_file(path, overwrite=overwrite)  # again, now that nobody else can be writing it
         yield path
@@ -393,14 +401,12 @@ def hold(directory, *, command: str = ""):
     """Hold `directory` (created if needed) with its `.lock` only, for a driver whose steps claim their own
     run directories inside it (experiments/smollm2.py holds each task's directory)."""
     directory = Path(directory)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command}
+    info = _holder_info(command)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = _lock(directory, info)
     except OSError as e:
-        raise UsageError(f"{directory} cannot be created or written: "
-                         f"{str(write_error(directory, e)).split(': ', 1)[1]}") from None
+        raise UsageError(f"{directory} cannot be created or written: {_why(directory, e)}") from None
     try:
         yield directory
     finally:
